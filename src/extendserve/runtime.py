@@ -1,0 +1,156 @@
+"""Running a built model with onnxruntime: sessions, devices, predictions. No torch here.
+
+onnxruntime-gpu lists ``CUDAExecutionProvider`` even where CUDA cannot load and then quietly
+runs on the CPU, so the providers a session *really* uses are read back and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .config import PreprocessConfig
+from .errors import BadImageError, ExtendserveError
+from .preprocess import load_image, prepare, resize_crop
+
+log = logging.getLogger("extendserve")
+
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def make_session(
+    model: str | os.PathLike[str] | bytes, device: str = "cpu", threads: int | None = None
+) -> ort.InferenceSession:
+    """An onnxruntime session on ``device`` (auto|cuda|cpu), checked for what really loaded."""
+    if device not in DEVICES:
+        raise ExtendserveError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if want_cuda:
+        providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
+    src = model if isinstance(model, bytes) else str(model)
+    try:
+        sess = ort.InferenceSession(src, sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own untyped errors
+        if want_cuda and device == "auto":
+            log.warning("CUDA session failed (%s); falling back to the CPU", e)
+            sess = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+        else:
+            raise ExtendserveError(f"cannot load the ONNX model {src if isinstance(src, str) else ''}: {e}") from None
+    active = sess.get_providers()
+    if device == "cuda" and "CUDAExecutionProvider" not in active:
+        available = ort.get_available_providers()
+        why = (
+            "onnxruntime here has no CUDA provider: install onnxruntime-gpu"
+            if "CUDAExecutionProvider" not in available
+            else "onnxruntime-gpu is installed but CUDA did not load: check the NVIDIA driver, "
+            "and that the CUDA 12 and cuDNN 9 libraries onnxruntime-gpu needs are on the library "
+            "path (pip install 'onnxruntime-gpu[cuda,cudnn]' brings them)"
+        )
+        raise ExtendserveError(f"EXTENDSERVE_DEVICE=cuda but the model runs on the CPU: {why}")
+    return sess
+
+
+def active_device(sess: ort.InferenceSession) -> str:
+    return "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
+
+
+@dataclass
+class Prediction:
+    label: str
+    index: int
+    score: float
+    head: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "index": self.index, "score": self.score, "head": self.head}
+
+
+class Model:
+    """A built model directory: ``model.onnx`` plus ``manifest.json``."""
+
+    def __init__(self, directory: str | os.PathLike[str], device: str = "cpu", threads: int | None = None):
+        self.dir = Path(directory)
+        manifest_path = self.dir / "manifest.json"
+        if not manifest_path.is_file() or not (self.dir / "model.onnx").is_file():
+            raise ExtendserveError(
+                f"{self.dir}: not a built model (expected model.onnx and manifest.json); "
+                "build one with: extendserve build -o " + str(self.dir)
+            )
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text("utf-8"))
+            self.labels: list[str] = list(self.manifest["labels"])
+            self.preprocess = PreprocessConfig.from_dict(self.manifest["preprocess"])
+            heads = self.manifest["heads"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ExtendserveError(f"{manifest_path}: unreadable manifest ({e}); rebuild the model") from None
+        self.head_of = np.empty(len(self.labels), dtype=object)
+        for h in heads:
+            self.head_of[h["offset"] : h["offset"] + h["count"]] = h["name"]
+        self.session = make_session(self.dir / "model.onnx", device, threads)
+        self.input_name = self.session.get_inputs()[0].name
+        self.device = active_device(self.session)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [B, crop, crop, 3] -> logits [B, 1000 + N]."""
+        return self.session.run(["logits"], {self.input_name: pixels})[0]
+
+    def scores(self, pixels: np.ndarray) -> np.ndarray:
+        return softmax(self.run(pixels))
+
+    def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
+        k = max(1, min(int(k), probs.shape[1]))
+        idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [
+            [Prediction(self.labels[i], int(i), float(p[i]), str(self.head_of[i])) for i in row]
+            for row, p in zip(idx, probs)
+        ]
+
+    def prepare(self, data: bytes, source: str = "image") -> np.ndarray:
+        return prepare(data, self.preprocess, source)
+
+    def predict_arrays(self, pixels: np.ndarray, k: int = 5, batch: int = 32) -> list[list[Prediction]]:
+        out: list[list[Prediction]] = []
+        for i in range(0, len(pixels), batch):
+            out += self.top_k(self.scores(pixels[i : i + batch]), k)
+        return out
+
+    def predict_files(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
+        """One result per path, in order; an unreadable photo gets an ``error`` entry."""
+        results: list[dict[str, Any]] = [{"image": p} for p in paths]
+        good: list[int] = []
+        arrays: list[np.ndarray] = []
+        for i, p in enumerate(paths):
+            try:
+                arrays.append(resize_crop(load_image(p), self.preprocess))
+                good.append(i)
+            except BadImageError as e:
+                results[i]["error"] = str(e)
+        if arrays:
+            preds = self.predict_arrays(np.stack(arrays), k)
+            for i, pr in zip(good, preds):
+                results[i]["predictions"] = [x.to_dict() for x in pr]
+        return results
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z, dtype=np.float64)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def batched(items: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
