@@ -51,7 +51,8 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         neg = nfeats
         err(f"negatives: {len(nfeats)} photos ({nhits} cached)")
     settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, seed=a.seed, holdout=a.holdout,
-                             augment=not a.no_augment)
+                             augment=not a.no_augment, gate_quantile=a.gate_quantile,
+                             gate_scale=a.gate_scale)
     extra = {"negatives": neg} if neg is not None else {}
     head, report = train_head(backbone, feats, labels, ds.classes, settings, **extra)
     head.name = a.name or out.stem
@@ -197,6 +198,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--holdout", type=float, default=0.2, help="share held out to report accuracy (0: none)")
     t.add_argument("--no-augment", action="store_true", help="train on the centre crop only")
+    t.add_argument("--gate-quantile", type=float, default=0.05,
+                   help="gated: share of training photos (leave-one-out) the gate may reject; higher "
+                        "steals fewer ImageNet photos and misses more new ones")
+    t.add_argument("--gate-scale", type=float, default=40.0,
+                   help="gated: logits per unit of cosine similarity past the gate (score sharpness)")
     t.set_defaults(func=cmd_train_head)
 
     b = sub.add_parser("build", help="merge heads with the backbone, export ONNX and verify it")

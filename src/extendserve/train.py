@@ -18,13 +18,15 @@ from .head import Head
 
 @dataclass
 class TrainSettings:
-    method: str = "joint"  # gated (calibrated, the default) | joint (issue-2 baseline) | naive
+    method: str = "gated"  # gated (calibrated, the default) | joint (issue-2 baseline) | naive
     epochs: int = 300
     lr: float = 0.01
     weight_decay: float = 1e-4
     seed: int = 0
     holdout: float = 0.2  # share of each class held out to report accuracy (>= 5 photos a class)
     augment: bool = True  # train on all VIEWS, not only the served centre crop
+    gate_quantile: float = 0.05  # gated: share of (leave-one-out) positives the gate may reject
+    gate_scale: float = 40.0  # gated: logits per unit of cosine similarity above the threshold
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -1,0 +1,102 @@
+"""What an extension did: new-class accuracy, ImageNet photos stolen, ImageNet top-1 before/after.
+
+Runs the built ``model.onnx`` (no torch), on labelled photos: a class-per-folder tree for the new
+classes (folder names = class names) and ImageNet photos named ``<synset>_<anything>``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BadImageError, ExtendserveError
+from .features import IMAGE_EXTS
+from .imagenet import synset_index
+from .preprocess import load_image, resize_crop
+from .runtime import Model
+
+
+def _logits(model: Model, files: list[Path]) -> tuple[np.ndarray, list[int]]:
+    arrays, ok = [], []
+    for i, f in enumerate(files):
+        try:
+            arrays.append(resize_crop(load_image(f), model.preprocess))
+            ok.append(i)
+        except BadImageError:
+            continue
+    if not arrays:
+        return np.zeros((0, len(model.labels)), np.float32), ok
+    x = np.stack(arrays)
+    return np.concatenate([model.run(x[i : i + 32]) for i in range(0, len(x), 32)]), ok
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None) -> dict[str, Any]:
+    model = Model(model_dir)
+    labels = model.labels
+    out: dict[str, Any] = {"model": model_dir, "classes": len(labels)}
+    if new:
+        root = Path(new)
+        if not root.is_dir():
+            raise ExtendserveError(f"--new {new}: not a folder of class folders")
+        index = {name: i for i, name in enumerate(labels) if i >= 1000}
+        per: dict[str, Any] = {}
+        confusions: Counter[tuple[str, str]] = Counter()
+        total = right = 0
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            if d.name not in index:
+                raise ExtendserveError(
+                    f"--new: folder {d.name!r} is not a class of this model; new classes are "
+                    f"{sorted(index)}"
+                )
+            logits, _ = _logits(model, _images(d))
+            pred = logits.argmax(1)
+            hits = int((pred == index[d.name]).sum())
+            per[d.name] = {"photos": len(pred), "correct": hits, "accuracy": hits / max(len(pred), 1)}
+            confusions.update((d.name, labels[p]) for p in pred if p != index[d.name])
+            total += len(pred)
+            right += hits
+        out["new"] = {"photos": total, "accuracy": right / max(total, 1), "per_class": per,
+                      "confusions": [{"true": t, "predicted": p, "count": c} for (t, p), c in confusions.most_common(10)]}
+    if imagenet:
+        files = [p for p in _images(Path(imagenet)) if p.name.startswith("n") and "_" in p.name]
+        if not files:
+            raise ExtendserveError(f"--imagenet {imagenet}: no photos named <synset>_<name>.JPEG")
+        logits, ok = _logits(model, files)
+        truth = np.array([synset_index(files[i].name.split("_")[0]) for i in ok])
+        before = logits[:, :1000].argmax(1)
+        after = logits.argmax(1)
+        stolen = after >= 1000
+        out["imagenet"] = {
+            "photos": int(len(truth)),
+            "top1_before": float((before == truth).mean()),
+            "top1_after": float((after == truth).mean()),
+            "stolen": float(stolen.mean()),
+            "stolen_by": dict(Counter(labels[p] for p in after[stolen]).most_common(10)),
+        }
+    return out
+
+
+def render(res: dict[str, Any]) -> str:
+    lines = [f"model {res['model']} ({res['classes']} classes)"]
+    if "new" in res:
+        n = res["new"]
+        lines.append(f"\nnew classes: {n['accuracy']:.3f} top-1 among all classes ({n['photos']} photos)")
+        for c, r in n["per_class"].items():
+            lines.append(f"  {r['accuracy']:6.3f}  {r['correct']:3d}/{r['photos']:<3d} {c}")
+        if n["confusions"]:
+            lines.append("  most frequent confusions:")
+            lines += [f"    {x['count']:3d}  {x['true']} -> {x['predicted']}" for x in n["confusions"]]
+    if "imagenet" in res:
+        m = res["imagenet"]
+        lines.append(f"\nImageNet ({m['photos']} photos): top-1 {m['top1_before']:.3f} before, "
+                     f"{m['top1_after']:.3f} after; stolen by a new class: {m['stolen']:.3f}")
+        for c, k in m["stolen_by"].items():
+            lines.append(f"    {k:3d}  stolen by {c}")
+    return "\n".join(lines)
