@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import PreprocessConfig
+from .config import DEFAULT_BACKBONE, PreprocessConfig
 from .errors import ExtendserveError
 from .imagenet import imagenet_labels
 
@@ -180,7 +180,6 @@ class BackboneSpec:
 
 
 REGISTRY: dict[str, BackboneSpec] = {}
-DEFAULT_BACKBONE = "efficientnet_lite0"
 
 
 def register(spec: BackboneSpec) -> BackboneSpec:

@@ -45,9 +45,11 @@ def loo_similarities(feats: np.ndarray, labels: np.ndarray, n: int) -> np.ndarra
     counts = {c: int((labels == c).sum()) * feats.shape[1] for c in range(n)}
     sims = np.empty(len(feats))
     for i, c in enumerate(labels):
-        own = unit[i].sum(0)
-        rest = sums[c] - own if counts[c] > feats.shape[1] else sums[c]  # a lone photo keeps itself
-        sims[i] = float(unit[i, 0] @ _unit(rest))
+        if counts[c] > feats.shape[1]:
+            sims[i] = float(unit[i, 0] @ _unit(sums[c] - unit[i].sum(0)))
+        else:  # a lone photo: each view against the mean of its other views, the hardest one
+            v = unit[i]
+            sims[i] = float(min(v[j] @ _unit(v.sum(0) - v[j]) for j in range(len(v))))
     return sims
 
 

@@ -179,7 +179,7 @@ def cmd_backbones(a: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .backbone import DEFAULT_BACKBONE
+    from .config import DEFAULT_BACKBONE
 
     p = argparse.ArgumentParser(prog="extendserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)

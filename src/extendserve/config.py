@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:

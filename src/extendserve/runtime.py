@@ -37,6 +37,8 @@ def make_session(
     if threads:
         opts.intra_op_num_threads = threads
     want_cuda = device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "auto" and not _gpu_present():
+        want_cuda = False  # spare the CPU-only machine onnxruntime's loud CUDA load failure
     providers: list[Any] = ["CPUExecutionProvider"]
     if want_cuda:
         providers.insert(0, ("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}))
@@ -61,6 +63,10 @@ def make_session(
         )
         raise ExtendserveError(f"EXTENDSERVE_DEVICE=cuda but the model runs on the CPU: {why}")
     return sess
+
+
+def _gpu_present() -> bool:
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
 
 
 def active_device(sess: ort.InferenceSession) -> str:

@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make serve` and `make test`.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL_DIR ?= models/default
+PORT ?= 3000
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to 2.13.0: this machine takes its local CPU wheel; a GPU machine can install a
+# CUDA build of the same version first (pip install torch==2.13.0 --index-url <CUDA index>).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(MODEL_DIR)/model.onnx: | $(VENV)/.installed
+	$(BIN)/extendserve demo -o $(MODEL_DIR)
+
+model: $(MODEL_DIR)/model.onnx
+
+serve: install model
+	EXTENDSERVE_MODEL_DIR=$(MODEL_DIR) $(BIN)/bentoml serve --port $(PORT)
+
+# Chromium for the /ui browser test (Debian's package; the test skips without it).
+browser:
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: the browser test will skip"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install model
+	$(BIN)/python bench/calibration.py
+
+.PHONY: install model serve test bench browser

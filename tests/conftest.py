@@ -1,0 +1,85 @@
+"""Shared fixtures: real weights, real onnxruntime, a real model built once per session."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+IMAGENET_SAMPLE = SHARED / "imagenet-sample"
+CELEBS = SHARED / "celebs" / "train"
+
+needs_shared = pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir() or not CELEBS.is_dir(),
+                                  reason="../shared/data is absent (fresh clone)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ.setdefault("EXTENDSERVE_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([sys.executable, "-m", "extendserve", *args], capture_output=True, text=True,
+                       env=os.environ.copy())
+    if check and r.returncode:
+        raise AssertionError(f"extendserve {' '.join(args)} exited {r.returncode}:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def synthetic_photo(kind: int, seed: int, size: tuple[int, int] = (320, 260)) -> Image.Image:
+    """Two visually distinct synthetic 'classes': red discs on green, blue stripes on yellow."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.zeros((h, w, 3), np.float64)
+    if kind == 0:
+        a[...] = (40, 150, 60)
+        for _ in range(4):
+            cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(20, 60)
+            a[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = (220, 30, 30)
+    else:
+        a[...] = (230, 210, 40)
+        period = rng.integers(12, 30)
+        a[(xx + yy * rng.uniform(-0.5, 0.5)) % period < period / 2] = (30, 40, 200)
+    a += rng.normal(0, 8, a.shape)
+    return Image.fromarray(a.clip(0, 255).astype(np.uint8))
+
+
+def jpeg_bytes(im: Image.Image, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    for kind, name in enumerate(["red discs", "blue stripes"]):
+        (root / name).mkdir()
+        for i in range(6):
+            synthetic_photo(kind, 100 * kind + i).save(root / name / f"{i}.jpg", quality=90)
+    (root / "red discs" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / "red discs" / "notes.txt").write_text("not a photo")
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_head(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("heads") / "shapes.pt"
+    run_cli("train-head", str(synthetic_data), "-o", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def built_model(synthetic_head: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("models") / "shapes"
+    run_cli("build", "--new-head", str(synthetic_head), "-o", str(out))
+    return out

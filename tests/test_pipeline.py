@@ -1,0 +1,140 @@
+"""train-head -> build -> ONNX -> predict, with the real weights and real onnxruntime sessions."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from extendserve.backbone import load_backbone
+from extendserve.head import load_head
+from extendserve.merge import MergedModel
+from extendserve.preprocess import load_image, resize_crop
+from extendserve.runtime import Model
+
+from conftest import jpeg_bytes, run_cli, synthetic_photo
+
+
+def test_train_head_reports_and_writes_plain_data(synthetic_data, synthetic_head):
+    obj = torch.load(synthetic_head, weights_only=True)  # plain tensors and data only
+    assert obj["classes"] == ["blue stripes", "red discs"]
+    assert obj["weight"].shape == (2, 1280) and obj["bias"].shape == (2,)
+    assert obj["feature_dim"] == 1280 and obj["backbone"] == "efficientnet_lite0"
+    assert len(obj["backbone_digest"]) == 64 and obj["method"] == "gated"
+    r = run_cli("train-head", str(synthetic_data), "-o", str(synthetic_head.with_name("again.pt")))
+    assert "broken.jpg" in r.stderr and "notes.txt" in r.stderr  # reported, not fatal
+    assert "6  blue stripes" in r.stdout and "6  red discs" in r.stdout
+    assert "held-out accuracy" in r.stdout
+    assert "(12/12 cached)" in r.stdout  # second run reads the feature cache
+
+
+def test_training_is_deterministic(synthetic_data, synthetic_head, tmp_path):
+    again = tmp_path / "again.pt"
+    run_cli("train-head", str(synthetic_data), "-o", str(again), "--holdout", "0")
+    a, b = load_head(synthetic_head), load_head(again)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.extras["thresholds"], b.extras["thresholds"])
+
+
+def test_build_contract(built_model):
+    manifest = json.loads((built_model / "manifest.json").read_text())
+    assert manifest["labels"][:2] == ["tench", "goldfish"] and manifest["labels"][1000:] == ["blue stripes", "red discs"]
+    heads = {h["name"]: h for h in manifest["heads"]}
+    assert heads["shapes"]["offset"] == 1000 and heads["shapes"]["count"] == 2 and len(heads["shapes"]["digest"]) == 64
+    assert manifest["verification"]["passed"] and manifest["verification"]["imagenet_max_abs_diff"] <= 1e-4
+    proto = onnx.load(str(built_model / "model.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["labels"]) == manifest["labels"]
+    assert json.loads(meta["preprocess"])["crop"] == 224
+    inp = proto.graph.input[0].type.tensor_type
+    assert inp.elem_type == onnx.TensorProto.UINT8
+    assert [d.dim_param or d.dim_value for d in inp.shape.dim] == ["batch", 224, 224, 3]
+
+
+def test_onnx_matches_original_and_merged_torch(built_model, synthetic_head):
+    """First 1000 columns = the original model within 1e-4; new columns = torch (calibration survives export)."""
+    model = Model(built_model)
+    rng = np.random.default_rng(1)
+    photos = [resize_crop(synthetic_photo(k, 999 + k), model.preprocess) for k in (0, 1)]
+    x = np.concatenate([np.stack(photos), rng.integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)])
+    for batch in (1, 5):  # dynamic batch
+        got = model.run(x[:batch])
+        bb = load_backbone()
+        merged = MergedModel(bb, [load_head(synthetic_head)]).eval()
+        with torch.no_grad():
+            t = torch.from_numpy(x[:batch])
+            original = bb.model((t.permute(0, 3, 1, 2).float() - 127) / 128).numpy()
+            want = merged(t).numpy()
+        assert got.shape == (batch, 1002)
+        assert np.abs(got[:, :1000] - original).max() <= 1e-4
+        assert np.abs(got[:, 1000:] - want[:, 1000:]).max() <= 1e-3
+
+
+def test_predict_json_and_bad_image(built_model, tmp_path):
+    good = tmp_path / "disc.jpg"
+    good.write_bytes(jpeg_bytes(synthetic_photo(0, 4242)))
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>not an image</html>")
+    r = run_cli("predict", "--model", str(built_model), "--json", "--top-k", "3", str(good), str(bad), check=False)
+    assert r.returncode == 1
+    out = json.loads(r.stdout)
+    assert [o["image"] for o in out] == [str(good), str(bad)]
+    preds = out[0]["predictions"]
+    assert len(preds) == 3 and preds[0]["label"] == "red discs" and preds[0]["head"] == "shapes"
+    assert set(preds[0]) == {"label", "index", "score", "head"} and preds[0]["index"] == 1001
+    assert [p["score"] for p in preds] == sorted((p["score"] for p in preds), reverse=True)
+    assert "not a recognised image format" in out[1]["error"]
+
+
+def test_predict_imports_no_torch(built_model, tmp_path):
+    import subprocess
+    import sys
+
+    img = tmp_path / "x.jpg"
+    img.write_bytes(jpeg_bytes(synthetic_photo(1, 5)))
+    code = ("import sys; from extendserve.cli import main; rc = main(['predict', '--model', sys.argv[1], sys.argv[2]]);"
+            "assert 'torch' not in sys.modules, 'torch imported'; print('ok', rc)")
+    r = subprocess.run([sys.executable, "-c", code, str(built_model), str(img)], capture_output=True, text=True)
+    assert r.returncode == 0 and "ok 0" in r.stdout, r.stderr
+
+
+def test_plain_imagenet_build_and_foreign_head(tmp_path):
+    plain = tmp_path / "plain"
+    run_cli("build", "-o", str(plain))
+    assert len(json.loads((plain / "manifest.json").read_text())["labels"]) == 1000
+    torch.save({"fc.weight": torch.randn(3, 1280) * 0.01, "fc.bias": torch.zeros(3)}, tmp_path / "foreign.pt")
+    (tmp_path / "names.txt").write_text("alpha\nbeta\ngamma\n")
+    r = run_cli("build", "--new-head", str(tmp_path / "foreign.pt"), "-o", str(tmp_path / "m"), check=False)
+    assert r.returncode == 2 and "--classes" in r.stderr
+    run_cli("build", "--new-head", str(tmp_path / "foreign.pt"), "--classes", str(tmp_path / "names.txt"),
+            "-o", str(tmp_path / "m"))
+    assert json.loads((tmp_path / "m" / "manifest.json").read_text())["labels"][1000:] == ["alpha", "beta", "gamma"]
+
+
+def test_failed_build_keeps_previous_model(built_model, tmp_path):
+    import shutil
+
+    target = tmp_path / "model"
+    shutil.copytree(built_model, target)
+    before = (target / "model.onnx").read_bytes()
+    torch.save({"weight": torch.zeros(2, 640), "bias": torch.zeros(2)}, tmp_path / "narrow.pt")
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    r = run_cli("build", "--new-head", str(tmp_path / "narrow.pt"), "--classes", str(tmp_path / "two.txt"),
+                "-o", str(target), check=False)
+    assert r.returncode == 2 and "640" in r.stderr and "1280" in r.stderr
+    assert (target / "model.onnx").read_bytes() == before
+    assert Model(target).run(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1, 1002)
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".model")]
+    assert leftovers == []
+
+
+def test_rebuild_swaps_in_place(built_model, synthetic_head, tmp_path):
+    import shutil
+
+    target = tmp_path / "m"
+    shutil.copytree(built_model, target)
+    run_cli("build", "-o", str(target))  # replace a 1002-class model by the plain one
+    assert len(json.loads((target / "manifest.json").read_text())["labels"]) == 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

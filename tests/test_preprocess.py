@@ -1,0 +1,107 @@
+"""Decoding: odd but valid photos get sensible pixels; anything else is our own BadImageError."""
+
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from extendserve.config import PreprocessConfig
+from extendserve.errors import BadImageError
+from extendserve.preprocess import decode, prepare
+
+from conftest import jpeg_bytes, synthetic_photo
+
+CFG = PreprocessConfig()
+
+
+def png(im: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data,msg", [
+    (b"", "empty"),
+    (b"%PDF-1.4\n1 0 obj", "not a recognised image format"),
+    (b"<html><body>hi</body></html>", "not a recognised image format"),
+    (bytes(range(256)) * 10, "not a recognised image format"),
+])
+def test_garbage_is_refused(data, msg):
+    with pytest.raises(BadImageError, match=msg):
+        prepare(data, CFG)
+
+
+def test_truncated_jpeg_and_header_only():
+    data = jpeg_bytes(synthetic_photo(0, 1))
+    for cut in (data[:200], data[: len(data) // 2]):
+        with pytest.raises(BadImageError):
+            prepare(cut, CFG)
+
+
+def test_decompression_bomb_refused_from_header():
+    im = Image.new("1", (30000, 30000))
+    data = png(im, optimize=True)
+    assert len(data) < 1_000_000
+    with pytest.raises(BadImageError, match="over the limit|bomb"):
+        prepare(data, CFG)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1000, 3), (3, 1000), (224, 224)])
+def test_odd_sizes(size):
+    out = prepare(png(Image.new("RGB", size, (200, 10, 10))), CFG)
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+
+
+def test_16bit_grey_scaled_not_clipped():
+    grey = np.asarray(synthetic_photo(0, 3).convert("L"))
+    a8 = prepare(png(Image.fromarray(grey, "L")), CFG).astype(int)
+    a16 = prepare(png(Image.fromarray(grey.astype(np.uint16) * 257)), CFG).astype(int)
+    assert np.abs(a8 - a16).max() <= 1
+
+
+def test_exif_orientation():
+    upright = synthetic_photo(1, 7)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # stored sideways...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...with the tag that says "rotate 90 clockwise to view"
+    a = prepare(jpeg_bytes(upright), CFG).astype(int)
+    b = prepare(jpeg_bytes(stored, exif=exif.tobytes()), CFG).astype(int)
+    untagged = prepare(jpeg_bytes(stored), CFG).astype(int)
+    assert np.abs(a - b).mean() < 8 < np.abs(a - untagged).mean()
+
+
+def test_alpha_palette_cmyk_animation():
+    rgba = Image.new("RGBA", (50, 50), (255, 0, 0, 0))
+    out = prepare(png(rgba), CFG)
+    assert abs(int(out[0, 0, 0]) - 124) < 3  # transparent -> neutral grey, not black or red
+    pal = Image.new("P", (40, 40))
+    pal.info["transparency"] = 0
+    assert prepare(png(pal, transparency=0), CFG).shape == (224, 224, 3)
+    cmyk = synthetic_photo(0, 2).convert("CMYK")
+    assert prepare(jpeg_bytes(cmyk), CFG).shape == (224, 224, 3)
+    frames = [Image.new("RGB", (60, 60), c) for c in ((0, 0, 255), (255, 0, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    first = prepare(buf.getvalue(), CFG)
+    assert first[100, 100, 2] > 200 and first[100, 100, 0] < 50
+
+
+SEED = jpeg_bytes(synthetic_photo(1, 11, (64, 48)))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(
+    st.binary(max_size=2048),
+    st.tuples(st.integers(0, len(SEED) - 1), st.binary(min_size=1, max_size=16)).map(
+        lambda t: SEED[: t[0]] + t[1] + SEED[t[0] + len(t[1]):]),
+    st.integers(1, len(SEED)).map(lambda n: SEED[:n]),
+))
+def test_decode_never_raises_anything_else(data):
+    try:
+        out = prepare(data, CFG)
+    except BadImageError:
+        return
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
