@@ -1,18 +1,15 @@
 """train-head -> build -> ONNX -> predict, with the real weights and real onnxruntime sessions."""
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 import torch
 
 from extendserve.backbone import load_backbone
 from extendserve.head import load_head
 from extendserve.merge import MergedModel
-from extendserve.preprocess import load_image, resize_crop
+from extendserve.preprocess import resize_crop
 from extendserve.runtime import Model
 
 from conftest import jpeg_bytes, run_cli, synthetic_photo

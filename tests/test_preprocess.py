@@ -10,7 +10,7 @@ from PIL import Image
 
 from extendserve.config import PreprocessConfig
 from extendserve.errors import BadImageError
-from extendserve.preprocess import decode, prepare
+from extendserve.preprocess import prepare
 
 from conftest import jpeg_bytes, synthetic_photo
 

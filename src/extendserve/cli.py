@@ -50,7 +50,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         nfeats, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
         neg = nfeats
         err(f"negatives: {len(nfeats)} photos ({nhits} cached)")
-    settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, seed=a.seed, holdout=a.holdout,
+    settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, holdout=a.holdout,
                              augment=not a.no_augment, gate_quantile=a.gate_quantile,
                              gate_scale=a.gate_scale)
     extra = {"negatives": neg} if neg is not None else {}
@@ -195,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--negatives", help="folder of photos that are none of the new classes (optional)")
     t.add_argument("--epochs", type=int, default=300)
     t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--weight-decay", type=float, default=1e-3, help="L2 penalty on the head's rows")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--holdout", type=float, default=0.2, help="share held out to report accuracy (0: none)")
     t.add_argument("--no-augment", action="store_true", help="train on the centre crop only")

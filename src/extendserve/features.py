@@ -133,8 +133,6 @@ class FeatureExtractor:
         self, files: Sequence[Path], on_skip: Callable[[str, str], None] | None = None
     ) -> tuple[np.ndarray, list[int], int]:
         """Features [n_ok, len(VIEWS), D] of the readable files, their positions, and cache hits."""
-        feats: list[np.ndarray] = []
-        ok: list[int] = []
         hits = 0
         pending: list[tuple[int, Path, np.ndarray]] = []
 

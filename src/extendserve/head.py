@@ -82,7 +82,7 @@ class Head:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def scorer(self, backbone: nn.Module) -> nn.Module:
+    def scorer(self) -> nn.Module:
         if self.method == "joint":
             return LinearScorer(self.weight, self.bias)
         if self.method == "gated":

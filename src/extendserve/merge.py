@@ -47,7 +47,7 @@ class MergedModel(nn.Module):
     def __init__(self, backbone: LoadedBackbone, heads: Sequence[Head]):
         super().__init__()
         self.features = FeatureModel(backbone)
-        self.heads = nn.ModuleList([h.scorer(backbone.model) for h in heads])
+        self.heads = nn.ModuleList([h.scorer() for h in heads])
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.features(pixels)

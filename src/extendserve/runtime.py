@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -156,7 +156,3 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     e = np.exp(z, dtype=np.float64)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
-
-def batched(items: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]

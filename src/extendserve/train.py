@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ class TrainSettings:
     method: str = "gated"  # gated (calibrated, the default) | joint (issue-2 baseline) | naive
     epochs: int = 300
     lr: float = 0.01
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-3  # chosen over 8 random 4-per-person splits of the shared celebrities
     seed: int = 0
     holdout: float = 0.2  # share of each class held out to report accuracy (>= 5 photos a class)
     augment: bool = True  # train on all VIEWS, not only the served centre crop
@@ -37,7 +37,6 @@ class TrainReport:
     counts: dict[str, int]
     heldout: dict[str, Any] | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -149,7 +148,7 @@ def score_features(backbone: LoadedBackbone, head: Head, feats: np.ndarray) -> n
     x = torch.from_numpy(feats).float()
     with torch.no_grad():
         old = backbone.model.forward_head(x)
-        return torch.cat([old, head.scorer(backbone.model)(x, old)], 1).numpy()
+        return torch.cat([old, head.scorer()(x, old)], 1).numpy()
 
 
 def train_head(backbone: LoadedBackbone, feats: np.ndarray, labels: np.ndarray, classes: list[str],
