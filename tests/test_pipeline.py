@@ -1,6 +1,9 @@
 """train-head -> build -> ONNX -> predict, with the real weights and real onnxruntime sessions."""
 
 import json
+import os
+
+import pytest
 
 import numpy as np
 import onnx
@@ -135,3 +138,12 @@ def test_rebuild_swaps_in_place(built_model, synthetic_head, tmp_path):
     run_cli("build", "-o", str(target))  # replace a 1002-class model by the plain one
     assert len(json.loads((target / "manifest.json").read_text())["labels"]) == 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.skipif(os.path.exists("/dev/nvidiactl"), reason="a GPU is present: cuda would load")
+def test_device_cuda_without_gpu_fails_clearly(built_model):
+    from extendserve.errors import ExtendserveError
+
+    with pytest.raises(ExtendserveError, match="EXTENDSERVE_DEVICE=cuda but the model runs on the CPU"):
+        Model(built_model, device="cuda")
+    assert Model(built_model, device="auto").device == "cpu"

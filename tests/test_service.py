@@ -44,6 +44,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"EXTENDSERVE_MODEL_DIR": str(model_dir), "EXTENDSERVE_DEVICE": "auto",
+                            "EXTENDSERVE_MAX_UPLOAD_MB": "2",
                             "BENTOML_HOME": str(model_dir.parent / "bentoml-home")}
         self.log = open(model_dir.parent / "serve.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(self.port)],
@@ -132,6 +133,12 @@ def test_bad_photos_are_400_json(server, data):
     assert status == 400 and isinstance(body, dict) and body["error"]
     status, _ = server.post("/classify", [("image", disc(), "ok.jpg")])
     assert status == 200  # still serving
+
+
+def test_upload_over_limit_is_413(server):
+    big = disc() + b"\0" * (3 * 1024 * 1024)  # a valid JPEG with trailing bytes, over the 2 MB test limit
+    status, body = server.post("/classify", [("image", big, "big.jpg")])
+    assert status == 413 and "limit" in body["error"]
 
 
 def test_bad_top_k_and_missing_field(server):
