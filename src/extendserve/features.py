@@ -19,7 +19,7 @@ from PIL import Image
 from .backbone import LoadedBackbone
 from .config import PreprocessConfig
 from .errors import BadImageError, ExtendserveError
-from .preprocess import center_crop, decode
+from .preprocess import center_crop, decode, resize_shorter
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
 MAX_FILE_BYTES = int(os.environ.get("EXTENDSERVE_MAX_FILE_BYTES", 50 * 1024 * 1024))
@@ -80,19 +80,14 @@ def scan_folder(root: str | os.PathLike[str]) -> Dataset:
 
 def views(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     """The VIEWS of one photo as uint8 [len(VIEWS), crop, crop, 3]."""
-    from .preprocess import resize_crop
-
     c = cfg.crop
-    center = resize_crop(im, cfg)
-    w, h = im.size
-    r = cfg.resize
-    ow, oh = (r, max(1, int(r * h / w))) if w <= h else (max(1, int(r * w / h)), r)
-    big = np.asarray(im.resize((ow, oh), Image.Resampling.BILINEAR))
+    big = resize_shorter(im, cfg.resize, cfg.interpolation)
+    center = center_crop(big, c)
     if big.shape[0] < c or big.shape[1] < c:
         big = center_crop(big, max(c, *big.shape[:2]))
     H, W = big.shape[:2]
     corners = [big[:c, :c], big[:c, W - c :], big[H - c :, :c], big[H - c :, W - c :]]
-    full = resize_crop(im, PreprocessConfig(resize=c, crop=c, interpolation=cfg.interpolation))
+    full = center_crop(resize_shorter(im, c, cfg.interpolation), c)
     out = [center, center[:, ::-1]] + corners + [x[:, ::-1] for x in corners] + [full, full[:, ::-1]]
     return np.ascontiguousarray(np.stack(out))
 

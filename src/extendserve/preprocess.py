@@ -80,13 +80,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im
 
 
+def resize_shorter(im: Image.Image, size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Shorter side to ``size`` (as torchvision's Resize(int) does) -> uint8 HWC array."""
+    w, h = im.size
+    ow, oh = (size, max(1, int(size * h / w))) if w <= h else (max(1, int(size * w / h)), size)
+    return np.asarray(im.resize((ow, oh), _FILTERS[interpolation]))
+
+
 def resize_crop(im: Image.Image, cfg: PreprocessConfig, flip: bool = False) -> np.ndarray:
     """Shorter side to ``cfg.resize``, centred ``cfg.crop`` square -> uint8 HWC array."""
-    w, h = im.size
-    r = cfg.resize
-    ow, oh = (r, max(1, int(r * h / w))) if w <= h else (max(1, int(r * w / h)), r)
-    im = im.resize((ow, oh), _FILTERS[cfg.interpolation])
-    return center_crop(np.asarray(im), cfg.crop, flip)
+    return center_crop(resize_shorter(im, cfg.resize, cfg.interpolation), cfg.crop, flip)
 
 
 def center_crop(a: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
