@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -81,22 +81,19 @@ def fit_joint(
     x, y = flatten(feats, labels, s.augment)
     y = y + 1000
     old = old_logits(backbone, x)
-    if negatives is not None and len(negatives):
+    use_neg = negatives is not None and len(negatives) > 0
+    if use_neg:
         xn, _ = flatten(negatives, np.zeros(len(negatives), np.int64), s.augment)
         old_n = old_logits(backbone, xn)
         soft_n = torch.cat([old_n.softmax(1), torch.zeros(len(xn), n_classes)], 1)
-    w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
-    opt = torch.optim.Adam([w, b], lr=s.lr, weight_decay=s.weight_decay)
-    for epoch in range(s.epochs):
-        opt.zero_grad()
-        loss = F.cross_entropy(torch.cat([old, x @ w.T + b], 1), y)
-        if negatives is not None and len(negatives):
-            loss = loss + F.cross_entropy(torch.cat([old_n, xn @ w.T + b], 1), soft_n)
-        loss.backward()
-        opt.step()
-        progress(label, epoch + 1, s.epochs, f"loss {loss.item():.3f}")
-    return w.detach(), b.detach()
+
+    def loss(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        total = F.cross_entropy(torch.cat([old, x @ w.T + b], 1), y)
+        if use_neg:
+            total = total + F.cross_entropy(torch.cat([old_n, xn @ w.T + b], 1), soft_n)
+        return total
+
+    return _optimise(loss, n_classes, x.shape[1], s, label)
 
 
 def fit_softmax(feats: np.ndarray, labels: np.ndarray, n_classes: int, s: TrainSettings,
@@ -104,15 +101,21 @@ def fit_softmax(feats: np.ndarray, labels: np.ndarray, n_classes: int, s: TrainS
     """An N-way classifier on its own (the naive recipe's head, and the gated head's ranker)."""
     torch.manual_seed(s.seed)
     x, y = flatten(feats, labels, s.augment)
-    w = torch.zeros(n_classes, x.shape[1], requires_grad=True)
-    b = torch.zeros(n_classes, requires_grad=True)
+    return _optimise(lambda w, b: F.cross_entropy(x @ w.T + b, y), n_classes, x.shape[1], s, label)
+
+
+def _optimise(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], n: int, d: int, s: TrainSettings,
+              label: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-batch Adam on new rows [n, d] from zeros: deterministic on the CPU."""
+    w = torch.zeros(n, d, requires_grad=True)
+    b = torch.zeros(n, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=s.lr, weight_decay=s.weight_decay)
     for epoch in range(s.epochs):
         opt.zero_grad()
-        loss = F.cross_entropy(x @ w.T + b, y)
-        loss.backward()
+        value = loss(w, b)
+        value.backward()
         opt.step()
-        progress(label, epoch + 1, s.epochs, f"loss {loss.item():.3f}")
+        progress(label, epoch + 1, s.epochs, f"loss {value.item():.3f}")
     return w.detach(), b.detach()
 
 
