@@ -27,7 +27,7 @@ except ImportError:  # inside a bento built from a source checkout
 from extendserve import __version__
 from extendserve.batching import MicroBatcher
 from extendserve.errors import BadImageError, ExtendserveError
-from extendserve.runtime import Model
+from extendserve.runtime import Model, softmax
 
 log = logging.getLogger("extendserve")
 MODEL_DIR = os.environ.get("EXTENDSERVE_MODEL_DIR", "models/default")
@@ -65,6 +65,7 @@ class Classifier:
             raise SystemExit(f"extendserve: {e}") from None
         log.warning("extendserve: serving %s on %s (providers: %s)", MODEL_DIR, self.model.device.upper(),
                     ", ".join(self.model.session.get_providers()))
+        self.model.warm_up()
         self.batcher = MicroBatcher(self.model.run, max_batch=32, max_wait_ms=4)
         _service["svc"] = self
 
@@ -91,8 +92,7 @@ class Classifier:
         size = path.stat().st_size
         if size > MAX_UPLOAD:
             raise _TooLarge(f"{name}: {size / 2**20:.1f} MB is over the {MAX_UPLOAD / 2**20:.0f} MB upload limit")
-        data = await asyncio.to_thread(path.read_bytes)
-        return await asyncio.to_thread(self.model.prepare, data, name)
+        return await asyncio.to_thread(lambda: self.model.prepare(path.read_bytes(), name))
 
     async def _classify(self, paths: list[Path], top_k: int) -> list[dict[str, Any]] | JSONResponse:
         if not 1 <= top_k <= len(self.model.labels):
@@ -105,8 +105,6 @@ class Classifier:
         except BadImageError as e:
             return _error(400, str(e))
         logits = await asyncio.gather(*[self.batcher.submit(x) for x in pixels])
-        from extendserve.runtime import softmax
-
         preds = self.model.top_k(softmax(np.stack(logits)), top_k)
         return [{"predictions": [p.to_dict() for p in row]} for row in preds]
 

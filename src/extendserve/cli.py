@@ -29,6 +29,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
 
     from .backbone import load_backbone
     from .features import FeatureExtractor, scan_folder
+    from .preprocess import list_images
     from .train import TrainSettings, train_head
 
     out = Path(a.output)
@@ -44,17 +45,17 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     for p, why in skipped:
         err(f"skipped {p}: {why}")
     labels = np.array([ds.labels[i] for i in ok], dtype=np.int64)
-    neg = None
+    neg = None  # features of the negatives, when given
     if a.negatives:
-        nds = scan_folder_or_flat(a.negatives)
-        nfeats, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
-        neg = nfeats
-        err(f"negatives: {len(nfeats)} photos ({nhits} cached)")
+        nds = list_images(a.negatives) if Path(a.negatives).is_dir() else []
+        if not nds:
+            raise ExtendserveError(f"--negatives {a.negatives}: not a folder with photos")
+        neg, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
+        err(f"negatives: {len(neg)} photos ({nhits} cached)")
     settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, holdout=a.holdout,
                              augment=not a.no_augment, gate_quantile=a.gate_quantile,
                              gate_scale=a.gate_scale)
-    extra = {"negatives": neg} if neg is not None else {}
-    head, report = train_head(backbone, feats, labels, ds.classes, settings, **extra)
+    head, report = train_head(backbone, feats, labels, ds.classes, settings, negatives=neg)
     head.name = a.name or out.stem
     head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
                           "negatives": None if neg is None else int(len(neg))})
@@ -71,19 +72,6 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
     print(f"wrote {out} (head {head.name!r}, method {head.method}, backbone {head.backbone})")
     return 0
-
-
-def scan_folder_or_flat(root: str) -> list[Path]:
-    from .features import IMAGE_EXTS
-
-    p = Path(root)
-    if not p.is_dir():
-        raise ExtendserveError(f"--negatives {root}: not a folder of photos")
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTS
-                   and not f.name.startswith("."))
-    if not files:
-        raise ExtendserveError(f"--negatives {root}: no photos found")
-    return files
 
 
 # --------------------------------------------------------------------------- build

@@ -12,29 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BadImageError, ExtendserveError
-from .features import IMAGE_EXTS
+from .errors import ExtendserveError
 from .imagenet import synset_index
-from .preprocess import load_image, resize_crop
+from .preprocess import list_images
 from .runtime import Model
 
 
 def _logits(model: Model, files: list[Path]) -> tuple[np.ndarray, list[int]]:
-    arrays, ok = [], []
-    for i, f in enumerate(files):
-        try:
-            arrays.append(resize_crop(load_image(f), model.preprocess))
-            ok.append(i)
-        except BadImageError:
-            continue
-    if not arrays:
-        return np.zeros((0, len(model.labels)), np.float32), ok
-    x = np.stack(arrays)
-    return np.concatenate([model.run(x[i : i + 32]) for i in range(0, len(x), 32)]), ok
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    """Unreadable photos are left out (and not counted)."""
+    pixels, ok, _ = model.load_files(files)
+    return model.logits(pixels), ok
 
 
 def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None) -> dict[str, Any]:
@@ -55,7 +42,7 @@ def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None
                     f"--new: folder {d.name!r} is not a class of this model; new classes are "
                     f"{sorted(index)}"
                 )
-            logits, _ = _logits(model, _images(d))
+            logits, _ = _logits(model, list_images(d, recursive=False))
             pred = logits.argmax(1)
             hits = int((pred == index[d.name]).sum())
             per[d.name] = {"photos": len(pred), "correct": hits, "accuracy": hits / max(len(pred), 1)}
@@ -65,7 +52,7 @@ def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None
         out["new"] = {"photos": total, "accuracy": right / max(total, 1), "per_class": per,
                       "confusions": [{"true": t, "predicted": p, "count": c} for (t, p), c in confusions.most_common(10)]}
     if imagenet:
-        files = [p for p in _images(Path(imagenet)) if p.name.startswith("n") and "_" in p.name]
+        files = [p for p in list_images(imagenet, recursive=False) if p.name.startswith("n") and "_" in p.name]
         if not files:
             raise ExtendserveError(f"--imagenet {imagenet}: no photos named <synset>_<name>.JPEG")
         logits, ok = _logits(model, files)

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps
 from .config import PreprocessConfig
 from .errors import BadImageError
 
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
 MAX_PIXELS = int(os.environ.get("EXTENDSERVE_MAX_PIXELS", 64_000_000))
 _NEUTRAL = (124, 116, 104)  # roughly the ImageNet mean: transparent areas look like "nothing"
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
@@ -103,6 +104,17 @@ def center_crop(a: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     a = a[top : top + size, left : left + size]
     return np.ascontiguousarray(a[:, ::-1] if flip else a)
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_images(folder: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
+    """Photo files (by extension) under ``folder``, sorted, hidden files and folders left out."""
+    root = Path(folder)
+    found = root.rglob("*") if recursive else root.iterdir()
+    return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not is_hidden(p, root))
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:

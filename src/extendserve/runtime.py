@@ -108,11 +108,11 @@ class Model:
         self.session = make_session(self.dir / "model.onnx", device, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.device = active_device(self.session)
-        self.warm_up()
 
     def warm_up(self, batches: Sequence[int] = (1, 8)) -> None:
         """Run the shapes serving will see once, so the first real request pays no set-up
-        (on CUDA: cuDNN algorithm choice and memory arena growth)."""
+        (on CUDA: cuDNN algorithm choice and memory arena growth). The service calls it; one-shot
+        commands such as ``predict`` do not need it."""
         c = self.preprocess.crop
         for b in batches:
             self.run(np.zeros((b, c, c, 3), np.uint8))
@@ -130,9 +130,6 @@ class Model:
             return binding.copy_outputs_to_cpu()[0]
         return self.session.run(["logits"], {self.input_name: pixels})[0]
 
-    def scores(self, pixels: np.ndarray) -> np.ndarray:
-        return softmax(self.run(pixels))
-
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
         k = max(1, min(int(k), probs.shape[1]))
         idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -144,27 +141,34 @@ class Model:
     def prepare(self, data: bytes, source: str = "image") -> np.ndarray:
         return prepare(data, self.preprocess, source)
 
-    def predict_arrays(self, pixels: np.ndarray, k: int = 5, batch: int = 32) -> list[list[Prediction]]:
-        out: list[list[Prediction]] = []
-        for i in range(0, len(pixels), batch):
-            out += self.top_k(self.scores(pixels[i : i + batch]), k)
-        return out
+    def logits(self, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
+        """Any number of photos, run ``batch`` at a time."""
+        if not len(pixels):
+            return np.zeros((0, len(self.labels)), np.float32)
+        return np.concatenate([self.run(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+
+    def load_files(self, paths: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, list[int], dict[int, str]]:
+        """The readable photos' pixels, their positions in ``paths``, and why the others failed."""
+        arrays: list[np.ndarray] = []
+        ok: list[int] = []
+        errors: dict[int, str] = {}
+        for i, p in enumerate(paths):
+            try:
+                arrays.append(resize_crop(load_image(p), self.preprocess))
+                ok.append(i)
+            except BadImageError as e:
+                errors[i] = str(e)
+        c = self.preprocess.crop
+        return (np.stack(arrays) if arrays else np.zeros((0, c, c, 3), np.uint8)), ok, errors
 
     def predict_files(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
         """One result per path, in order; an unreadable photo gets an ``error`` entry."""
         results: list[dict[str, Any]] = [{"image": p} for p in paths]
-        good: list[int] = []
-        arrays: list[np.ndarray] = []
-        for i, p in enumerate(paths):
-            try:
-                arrays.append(resize_crop(load_image(p), self.preprocess))
-                good.append(i)
-            except BadImageError as e:
-                results[i]["error"] = str(e)
-        if arrays:
-            preds = self.predict_arrays(np.stack(arrays), k)
-            for i, pr in zip(good, preds):
-                results[i]["predictions"] = [x.to_dict() for x in pr]
+        pixels, ok, errors = self.load_files(paths)
+        for i, msg in errors.items():
+            results[i]["error"] = msg
+        for i, row in zip(ok, self.top_k(softmax(self.logits(pixels)), k)):
+            results[i]["predictions"] = [x.to_dict() for x in row]
         return results
 
 
