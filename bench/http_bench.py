@@ -1,15 +1,15 @@
-"""HTTP vs in-process, side by side in one run: photos/s and latency at 1, 4, 16, 64 clients.
+"""HTTP vs in-process, side by side in one run: photos/s and latency at 1, 4, 16, 64 clients,
+then the service's knobs (batching window and size, workers) at 16 clients.
 
 In-process reference: decode + resize + crop with Pillow, then model.onnx in batches of 16.
-Usage: python bench/http_bench.py [--model models/default] [--requests 400]
+Usage: python bench/http_bench.py [--model models/default] [--requests 400] [--no-variants]
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import contextlib
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -19,31 +19,19 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT.parent / "shared" / "data" / "imagenet-sample"
-
-
-def photos() -> list[bytes]:
-    if SAMPLE.is_dir():
-        return [p.read_bytes() for p in sorted(SAMPLE.iterdir())]
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(50):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
-        out.append(buf.getvalue())
-    return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, photos, write_section  # noqa: E402
 
 
 def in_process(model_dir: str, data: list[bytes], n: int) -> float:
     from extendserve.runtime import Model
 
     m = Model(model_dir)
+    m.run(np.stack([m.prepare(b) for b in data[:16]]))
     t0 = time.perf_counter()
     for i in range(0, n, 16):
         x = np.stack([m.prepare(data[(i + j) % len(data)]) for j in range(min(16, n - i))])
@@ -64,16 +52,13 @@ def post(url: str, body: bytes) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="models/default")
-    ap.add_argument("--requests", type=int, default=400)
-    a = ap.parse_args()
-    data = photos()
+@contextlib.contextmanager
+def serving(model: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real ``bentoml serve`` of the project's service on a free port; its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = os.environ | {"EXTENDSERVE_MODEL_DIR": a.model}
+    env = os.environ | {"EXTENDSERVE_MODEL_DIR": model} | (extra_env or {})
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -83,26 +68,65 @@ def main() -> None:
                 if urllib.request.urlopen(url + "/readyz", timeout=2).status == 200:
                     break
             except OSError:
+                if proc.poll() is not None:
+                    raise SystemExit(f"bentoml serve exited with {proc.returncode}")
                 time.sleep(0.5)
-        for b in data[:8]:
-            post(url + "/classify", b)  # warm-up
-        ref = in_process(a.model, data, a.requests)
-        rows = []
-        for clients in (1, 4, 16, 64):
-            n = a.requests if clients > 1 else max(50, a.requests // 4)
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(clients) as pool:
-                lat = list(pool.map(lambda i: post(url + "/classify", data[i % len(data)]), range(n)))
-            rate = n / (time.perf_counter() - t0)
-            rows.append((clients, rate, np.percentile(lat, 50) * 1000, np.percentile(lat, 99) * 1000))
+        yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
-    lines = [f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-             f"In-process reference (Pillow decode+resize+crop, model.onnx batches of 16): {ref:.1f} photos/s", "",
+
+
+def load(url: str, data: list[bytes], clients: int, n: int) -> tuple[float, float, float]:
+    """photos/s, p50 ms, p99 ms for ``n`` single-photo requests from ``clients`` at once."""
+    for b in data[: 2 * clients]:
+        post(url + "/classify", b)  # warm-up at this concurrency
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        lat = list(pool.map(lambda i: post(url + "/classify", data[i % len(data)]), range(n)))
+    return n / (time.perf_counter() - t0), np.percentile(lat, 50) * 1000, np.percentile(lat, 99) * 1000
+
+
+CORES = len(os.sched_getaffinity(0))
+SHIPPED = min(CORES, 4)
+VARIANTS = [  # label, environment; the first is what ships
+    (f"shipped: {SHIPPED} workers x {max(1, CORES // SHIPPED)} onnxruntime threads, window 4 ms, batch up to 32", {}),
+    (f"1 worker x {CORES} threads", {"EXTENDSERVE_WORKERS": "1"}),
+    ("no batching (batch up to 1)", {"EXTENDSERVE_MAX_BATCH": "1"}),
+    ("window 1 ms", {"EXTENDSERVE_BATCH_MS": "1"}),
+    ("window 10 ms", {"EXTENDSERVE_BATCH_MS": "10"}),
+    ("batch up to 8", {"EXTENDSERVE_MAX_BATCH": "8"}),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/default")
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--no-variants", action="store_true")
+    a = ap.parse_args()
+    data, what = photos()
+    rows = []
+    with serving(a.model) as url:
+        ref = in_process(a.model, data, a.requests)
+        for clients in (1, 4, 16, 64):
+            rows.append((clients, *load(url, data, clients, a.requests if clients > 1 else max(50, a.requests // 4))))
+            print(rows[-1], flush=True)
+    lines = [f"Photos: {what}. In-process reference (Pillow decode+resize+crop, model.onnx in batches of 16, "
+             f"measured in the same run): **{ref:.1f} photos/s**", "",
              "| clients | photos/s | ratio to in-process | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {c} | {r:.1f} | {r / ref:.2f} | {p50:.0f} | {p99:.0f} |" for c, r, p50, p99 in rows]
+    if not a.no_variants:
+        lines += ["", "### The service's knobs, 16 clients", "",
+                  "| service setting | photos/s | ratio to in-process | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- |"]
+        for label, env in VARIANTS:
+            with serving(a.model, env) as url:
+                r, p50, p99 = load(url, data, 16, a.requests)
+            lines.append(f"| {label} | {r:.1f} | {r / ref:.2f} | {p50:.0f} | {p99:.0f} |")
+            print(lines[-1], flush=True)
     print("\n".join(lines))
+    write_section("http", "HTTP service vs the same work in one process", "python bench/http_bench.py",
+                  "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -83,3 +83,22 @@ def built_model(synthetic_head: Path, tmp_path_factory: pytest.TempPathFactory) 
     out = tmp_path_factory.mktemp("models") / "shapes"
     run_cli("build", "--new-head", str(synthetic_head), "-o", str(out))
     return out
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid PNG header claiming ``width`` x ``height`` pixels, with almost no data behind it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 4096, 9))
+            + chunk(b"IEND", b""))
+
+
+def header_only_jpeg() -> bytes:
+    """A JPEG cut just before its scan data: every header, no pixels."""
+    data = jpeg_bytes(synthetic_photo(0, 7))
+    return data[: data.index(b"\xff\xda")]

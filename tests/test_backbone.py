@@ -44,7 +44,7 @@ def test_matches_independent_implementation():
 def test_top1_on_imagenet_sample():
     bb = load_backbone()
     files = sorted(IMAGENET_SAMPLE.iterdir())
-    x = np.stack([resize_crop(load_image(f), bb.spec.preprocess) for f in files])
+    x = np.stack([resize_crop(load_image(f, bb.spec.preprocess.resize), bb.spec.preprocess) for f in files])
     y = np.array([synset_index(f.name.split("_")[0]) for f in files])
     t = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - 127.0) / 128.0
     with torch.no_grad():

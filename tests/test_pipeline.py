@@ -147,3 +147,41 @@ def test_device_cuda_without_gpu_fails_clearly(built_model):
     with pytest.raises(ExtendserveError, match="EXTENDSERVE_DEVICE=cuda but the model runs on the CPU"):
         Model(built_model, device="cuda")
     assert Model(built_model, device="auto").device == "cpu"
+
+
+@pytest.mark.parametrize("when", ["start", "building dir made", "model.onnx half-written", "before the swap"])
+def test_sigkill_during_build_keeps_previous_model(built_model, synthetic_head, tmp_path, when):
+    """Kill -9 at several moments of a rebuild: the model dir always holds one whole model."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "model"
+    shutil.copytree(built_model, target)
+    before = (target / "model.onnx").read_bytes()
+    proc = subprocess.Popen([sys.executable, "-m", "extendserve", "build", "-o", str(target)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        building = list(tmp_path.glob(".model.building-*"))
+        if (when == "start" and time.time() > deadline - 119.5
+                or when == "building dir made" and building
+                or when == "model.onnx half-written" and any((b / "model.onnx").exists() for b in building)
+                or when == "before the swap" and any((b / "manifest.json").exists() for b in building)):
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # Whatever the moment: a whole model (the old one, or the new plain one if the swap was done).
+    manifest = json.loads((target / "manifest.json").read_text())
+    m = Model(target)
+    out = m.run(np.zeros((1, 224, 224, 3), np.uint8))
+    assert out.shape == (1, len(manifest["labels"]))
+    if len(manifest["labels"]) == 1002:
+        assert (target / "model.onnx").read_bytes() == before
+    # The next build cleans up whatever the killed one left and succeeds.
+    run_cli("build", "--new-head", str(synthetic_head), "-o", str(target))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert Model(target).run(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1, 1002)

@@ -12,7 +12,7 @@ from extendserve.config import PreprocessConfig
 from extendserve.errors import BadImageError
 from extendserve.preprocess import prepare
 
-from conftest import jpeg_bytes, synthetic_photo
+from conftest import bomb_png, header_only_jpeg, jpeg_bytes, synthetic_photo
 
 CFG = PreprocessConfig()
 
@@ -36,7 +36,7 @@ def test_garbage_is_refused(data, msg):
 
 def test_truncated_jpeg_and_header_only():
     data = jpeg_bytes(synthetic_photo(0, 1))
-    for cut in (data[:200], data[: len(data) // 2]):
+    for cut in (data[:200], data[: len(data) // 2], header_only_jpeg()):
         with pytest.raises(BadImageError):
             prepare(cut, CFG)
 
@@ -47,6 +47,21 @@ def test_decompression_bomb_refused_from_header():
     assert len(data) < 1_000_000
     with pytest.raises(BadImageError, match="over the limit|bomb"):
         prepare(data, CFG)
+    with pytest.raises(BadImageError, match="over the limit|decompression bomb"):
+        prepare(bomb_png(), CFG)  # a few hundred bytes that claim 900 megapixels
+
+
+def test_large_jpeg_takes_the_draft_path_and_matches_full_decode():
+    from extendserve.preprocess import decode, resize_crop
+
+    big = jpeg_bytes(synthetic_photo(0, 5, size=(2048, 1536)))
+    fast = decode(big, min_side=CFG.resize)
+    assert max(fast.size) < 2048  # libjpeg scaled it down while decoding
+    assert min(fast.size) >= CFG.resize
+    diff = np.abs(resize_crop(fast, CFG).astype(int) - resize_crop(decode(big), CFG).astype(int))
+    assert diff.mean() < 2.0
+    small = jpeg_bytes(synthetic_photo(0, 5))
+    assert np.array_equal(resize_crop(decode(small, min_side=CFG.resize), CFG), resize_crop(decode(small), CFG))
 
 
 @pytest.mark.parametrize("size", [(1, 1), (1000, 3), (3, 1000), (224, 224)])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import IMAGENET_SAMPLE, ROOT, jpeg_bytes, synthetic_photo
+from conftest import IMAGENET_SAMPLE, ROOT, bomb_png, header_only_jpeg, jpeg_bytes, synthetic_photo
 
 
 def free_port() -> int:
@@ -125,10 +125,15 @@ def test_classify_batch_in_order(server):
     assert [b["predictions"][0]["label"] for b in body] == ["red discs", "blue stripes", "red discs"]
 
 
-@pytest.mark.parametrize("data", [b"", b"garbage bytes", b"<html></html>", b"%PDF-1.5 hello", None])
+@pytest.mark.parametrize("data", [b"", b"garbage bytes", bytes(range(256)) * 64, b"<html></html>",
+                                  b"%PDF-1.5 hello", "truncated", "header-only", "bomb"])
 def test_bad_photos_are_400_json(server, data):
-    if data is None:
-        data = disc()[:300]  # truncated JPEG
+    if data == "truncated":
+        data = disc()[: len(disc()) // 2]
+    elif data == "header-only":
+        data = header_only_jpeg()
+    elif data == "bomb":
+        data = bomb_png()  # claims 30000 x 30000: refused from its header
     status, body = server.post("/classify", [("image", data, "x.jpg")])
     assert status == 400 and isinstance(body, dict) and body["error"]
     status, _ = server.post("/classify", [("image", disc(), "ok.jpg")])

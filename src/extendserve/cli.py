@@ -110,7 +110,7 @@ def demo_pixels(cfg: Any) -> list[Any]:
     from .demo import demo_photos
     from .preprocess import load_image, resize_crop
 
-    return [resize_crop(load_image(p), cfg) for p in demo_photos().values()]
+    return [resize_crop(load_image(p, cfg.resize), cfg) for p in demo_photos().values()]
 
 
 # --------------------------------------------------------------------------- predict

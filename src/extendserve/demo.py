@@ -66,5 +66,5 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
                              TrainSettings(holdout=0.0))
     head.name = "demo"
     head.source = "demo photos from matplotlib and scikit-image"
-    real = [resize_crop(load_image(p), backbone.spec.preprocess) for p in photos.values()]
+    real = [resize_crop(load_image(p, backbone.spec.preprocess.resize), backbone.spec.preprocess) for p in photos.values()]
     build_model(backbone, [head], out_dir, real_inputs=real, settings={"demo": True})

@@ -163,7 +163,8 @@ def publish(out_dir: str | os.PathLike[str], files: dict[str, bytes]) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not final.is_dir():
         raise BuildError(f"{final} exists and is not a directory; choose another -o")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-", dir=final.parent))
+    _remove_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-{os.getpid()}-", dir=final.parent))
     try:
         for name, data in files.items():
             with open(tmp / name, "wb") as f:
@@ -177,6 +178,19 @@ def publish(out_dir: str | os.PathLike[str], files: dict[str, bytes]) -> None:
             os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(final: Path) -> None:
+    """Drop what killed builds left beside ``final`` (their process is gone); never ``final``."""
+    for p in final.parent.glob(f".{final.name}.building-*"):
+        try:
+            pid = int(p.name.split("building-", 1)[1].split("-", 1)[0])
+            os.kill(pid, 0)
+            continue  # that build is still running
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            continue
 
 
 def _exchange(a: Path, b: Path) -> None:

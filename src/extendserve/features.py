@@ -25,7 +25,7 @@ MAX_FILE_BYTES = int(os.environ.get("EXTENDSERVE_MAX_FILE_BYTES", 50 * 1024 * 10
 # View 0 is exactly what the served model sees; the rest are the training augmentation.
 VIEWS = ("center", "center-flip", "tl", "tr", "bl", "br", "tl-flip", "tr-flip", "bl-flip", "br-flip",
          "full", "full-flip")
-VIEWS_VERSION = 1
+VIEWS_VERSION = 2  # 2: large JPEGs decoded with draft (see preprocess.decode)
 
 
 def cache_root() -> Path:
@@ -143,6 +143,7 @@ class FeatureExtractor:
             pending.clear()
 
         results: dict[int, np.ndarray] = {}
+        cfg = self.backbone.spec.preprocess
         for i, path in enumerate(files):
             try:
                 data = path.read_bytes()
@@ -160,7 +161,7 @@ class FeatureExtractor:
                 except (OSError, ValueError):
                     cpath.unlink(missing_ok=True)
             try:
-                v = views(decode(data, str(path)), self.backbone.spec.preprocess)
+                v = views(decode(data, str(path), cfg.resize), cfg)
             except BadImageError as e:
                 if on_skip:
                     on_skip(str(path), str(e).split(": ", 1)[-1])

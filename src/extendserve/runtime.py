@@ -154,7 +154,7 @@ class Model:
         errors: dict[int, str] = {}
         for i, p in enumerate(paths):
             try:
-                arrays.append(resize_crop(load_image(p), self.preprocess))
+                arrays.append(resize_crop(load_image(p, self.preprocess.resize), self.preprocess))
                 ok.append(i)
             except BadImageError as e:
                 errors[i] = str(e)

@@ -1,0 +1,200 @@
+"""Model-only speed, side by side in one run:
+
+- the merged model (one backbone pass) vs the original model plus a separate new-class model;
+- onnxruntime vs PyTorch eager on the same merged model (batch 8);
+- the merged model at batch 1, 8, 32, 64, with onnxruntime session options (threads, graph
+  optimisation, a saved optimised model) and, where CUDA is present, fp32 with IO binding.
+
+The new head is a 5-class gated head with random values: speed does not depend on the values.
+Usage: python bench/model_bench.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_rate, write_section  # noqa: E402
+
+from extendserve.backbone import load_backbone  # noqa: E402
+from extendserve.export import export_onnx  # noqa: E402
+from extendserve.head import Head  # noqa: E402
+from extendserve.merge import FeatureModel, MergedModel  # noqa: E402
+from extendserve.runtime import make_session  # noqa: E402
+
+
+class Original(nn.Module):
+    """What the user had: pixels -> the 1000 ImageNet logits."""
+
+    def __init__(self, features: FeatureModel):
+        super().__init__()
+        self.features = features
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.features.backbone.forward_head(self.features(pixels))
+
+
+class NewOnly(nn.Module):
+    """A separate new-class model: its own backbone pass feeding the head."""
+
+    def __init__(self, merged: MergedModel):
+        super().__init__()
+        self.merged = merged
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.merged(pixels)[:, 1000:]
+
+
+def random_head(dim: int, n: int = 5) -> Head:
+    g = torch.Generator().manual_seed(0)
+    protos = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    return Head(classes=[f"class {i}" for i in range(n)], weight=torch.randn(n, dim, generator=g) * 0.01,
+                bias=torch.zeros(n), backbone="efficientnet_lite0", backbone_digest="", method="gated",
+                extras={"prototypes": protos, "thresholds": torch.full((n,), 0.5), "scale": torch.tensor([40.0])})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    bb = load_backbone()
+    size = bb.spec.input_size
+    merged = MergedModel(bb, [random_head(bb.spec.feature_dim)]).eval()
+    graphs = {
+        "merged": export_onnx(merged, size, "logits"),
+        "original": export_onnx(Original(merged.features), size, "logits"),
+        "new-only": export_onnx(NewOnly(merged), size, "logits"),
+    }
+    rng = np.random.default_rng(0)
+    lines: list[str] = []
+
+    def x(b: int) -> np.ndarray:
+        return rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+
+    # 1. merged vs two models, CPU, batch 8 and 32
+    import onnxruntime as ort
+
+    def quiet(graph: bytes) -> ort.InferenceSession:
+        # Spinning off for all three: two sessions' spinning thread pools would fight each other
+        # and make the two-model baseline look worse than two backbone passes really are.
+        o = ort.SessionOptions()
+        o.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        o.log_severity_level = 3
+        return ort.InferenceSession(graph, o, providers=["CPUExecutionProvider"])
+
+    s = {k: quiet(v) for k, v in graphs.items()}
+    run = lambda name, v: s[name].run(None, {"pixels": v})  # noqa: E731
+    lines += ["### Merged model vs the original plus a separate new-class model (CPU)", "",
+              "| batch | merged photos/s | two models photos/s | ratio |", "| --- | --- | --- | --- |"]
+    for b in (8, 32):
+        v = x(b)
+        r_merged = best_rate(lambda: run("merged", v), b, a.repeats)
+        r_two = best_rate(lambda: (run("original", v), run("new-only", v)), b, a.repeats)
+        lines.append(f"| {b} | {r_merged:.1f} | {r_two:.1f} | {r_merged / r_two:.2f}x |")
+        print(lines[-1], flush=True)
+
+    # 2. onnxruntime vs torch eager on the merged model, batch 8
+    v = x(8)
+    r_ort = best_rate(lambda: run("merged", v), 8, a.repeats)
+    with torch.inference_mode():
+        t = torch.from_numpy(v)
+        r_torch = best_rate(lambda: merged(t), 8, a.repeats)
+    lines += ["", "### onnxruntime vs PyTorch eager, same merged model, batch 8 (CPU)", "",
+              f"onnxruntime {r_ort:.1f} photos/s, torch eager ({torch.get_num_threads()} threads) "
+              f"{r_torch:.1f} photos/s: **{r_ort / r_torch:.1f}x**"]
+    print(lines[-1], flush=True)
+
+    # 3. session options, CPU: threads and graph optimisation, by batch size
+
+    def session(threads: int, level: "ort.GraphOptimizationLevel", path: str | None = None) -> ort.InferenceSession:
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = threads
+        o.graph_optimization_level = level
+        o.log_severity_level = 3
+        return ort.InferenceSession(path or graphs["merged"], o, providers=["CPUExecutionProvider"])
+
+    variants = {
+        f"ENABLE_ALL, {cores} threads (shipped)": lambda: session(cores, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+        f"ENABLE_BASIC, {cores} threads": lambda: session(cores, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
+        "ENABLE_ALL, 1 thread": lambda: session(1, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+    }
+    batches = (1, 8, 32, 64)
+    lines += ["", "### Merged model alone by batch size and session options (CPU, photos/s)", "",
+              "| session | " + " | ".join(f"batch {b}" for b in batches) + " |",
+              "| --- |" + " --- |" * len(batches)]
+    for name, make in variants.items():
+        sess = make()
+        rates = [best_rate(lambda: sess.run(None, {"pixels": x(b)}), b, a.repeats) for b in batches]
+        lines.append(f"| {name} | " + " | ".join(f"{r:.1f}" for r in rates) + " |")
+        print(lines[-1], flush=True)
+
+    # 4. start-up: a fresh session from model.onnx vs from a saved optimised model
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "model.onnx"
+        raw.write_bytes(graphs["merged"])
+        opt_path = Path(tmp) / "model.opt.onnx"
+        o = ort.SessionOptions()
+        o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        o.optimized_model_filepath = str(opt_path)
+        ort.InferenceSession(str(raw), o, providers=["CPUExecutionProvider"])
+
+        def start(path: Path, level: "ort.GraphOptimizationLevel") -> float:
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                session(cores, level, str(path))
+                best = min(best, time.perf_counter() - t0)
+            return best
+
+        t_raw = start(raw, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        t_opt = start(opt_path, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        lines += ["", "### Session start-up (CPU)", "",
+                  f"model.onnx with ENABLE_ALL: {t_raw * 1000:.0f} ms; saved optimised model, optimisation off: "
+                  f"{t_opt * 1000:.0f} ms"]
+        print(lines[-1], flush=True)
+
+    # 5. GPU: fp32 vs fp16 with IO binding, when CUDA is really there
+    lines += ["", "### GPU", ""]
+    lines += gpu_rows(graphs["merged"], merged, size, a.repeats)
+    print("\n".join(lines))
+    write_section("model", "Model alone", "python bench/model_bench.py", "\n".join(lines))
+
+
+def gpu_rows(onnx_bytes: bytes, merged: MergedModel, size: int, repeats: int) -> list[str]:
+    from extendserve.runtime import _gpu_present
+
+    if not _gpu_present():
+        return ["No GPU on this machine: the GPU figures (fp32 by batch with IO binding) are pending."]
+    try:
+        sess32 = make_session(onnx_bytes, "cuda")
+    except Exception as e:  # no CUDA here: say so rather than report CPU figures as GPU ones
+        return [f"Not measured on this machine ({str(e).splitlines()[0][:160]}). GPU figures are pending."]
+    out = ["fp16 variant: not built (no GPU here to check its parity and speed); fp32 with IO binding:", "",
+           "| batch | fp32 photos/s |", "| --- | --- |"]
+    rng = np.random.default_rng(1)
+    for b in (1, 8, 64):
+        v = rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
+        out.append(f"| {b} | {best_rate(lambda: _bound(sess32, v), b, repeats):.0f} |")
+    return out
+
+
+def _bound(sess, pixels: np.ndarray) -> np.ndarray:  # type: ignore[no-untyped-def]
+    binding = sess.io_binding()
+    binding.bind_cpu_input("pixels", pixels)
+    binding.bind_output("logits")
+    sess.run_with_iobinding(binding)
+    return binding.copy_outputs_to_cpu()[0]
+
+
+if __name__ == "__main__":
+    main()
