@@ -34,7 +34,19 @@ browser:
 test: install
 	$(BIN)/python -m pytest -q
 
+# Speed: each script prints its table and rewrites its section of docs/benchmarks.md.
 bench: install model
+	$(BIN)/python bench/model_bench.py
+	$(BIN)/python bench/pipeline_bench.py
+	$(BIN)/python bench/http_bench.py
+	$(BIN)/python bench/train_build_bench.py
+
+# 1500 requests, 48 at once, bad inputs mixed in; exits non-zero on any failure or memory growth.
+burst: install model
+	$(BIN)/python bench/burst.py
+
+# The calibration table of README.md (needs ../shared/data; about 3 minutes).
+bench-calibration: install
 	$(BIN)/python bench/calibration.py
 
-.PHONY: install model serve test bench browser
+.PHONY: install model serve test bench burst bench-calibration browser

@@ -62,6 +62,7 @@ def serving(model: str, extra_env: dict[str, str] | None = None) -> Iterator[str
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    serving.last_pid = proc.pid  # type: ignore[attr-defined]
     try:
         for _ in range(240):
             try:

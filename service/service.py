@@ -88,7 +88,7 @@ class Classifier:
             raise SystemExit(f"extendserve: {e}") from None
         log.warning("extendserve: serving %s on %s (providers: %s)", MODEL_DIR, self.model.device.upper(),
                     ", ".join(self.model.session.get_providers()))
-        self.model.warm_up()
+        self.model.warm_up((1, 8, MAX_BATCH))  # grow memory arenas to the largest batch now
         self.batcher = MicroBatcher(self.model.run, max_batch=MAX_BATCH, max_wait_ms=BATCH_MS)
         _service["svc"] = self
 

@@ -185,3 +185,28 @@ def test_sigkill_during_build_keeps_previous_model(built_model, synthetic_head, 
     run_cli("build", "--new-head", str(synthetic_head), "-o", str(target))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     assert Model(target).run(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1, 1002)
+
+
+def test_train_head_skips_bad_files_and_names_an_emptied_class(tmp_path, monkeypatch):
+    root = tmp_path / "photos"
+    for kind, name in enumerate(["discs", "stripes"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            synthetic_photo(kind, 50 * kind + i).save(root / name / f"{i}.jpg", quality=90)
+    (root / "discs" / "zero.jpg").write_bytes(b"")
+    (root / "discs" / "text.jpg").write_text("I am not a photo")
+    (root / "discs" / "huge.jpg").write_bytes(jpeg_bytes(synthetic_photo(0, 9)) + b"\0" * 300_000)
+    (root / "discs" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (root / "discs" / "notes.txt").write_text("not a photo either")
+    monkeypatch.setenv("EXTENDSERVE_MAX_FILE_BYTES", "200000")
+    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"))
+    for name, why in [("zero.jpg", "empty"), ("text.jpg", "not a recognised image"), ("huge.jpg", "limit"),
+                      ("gone.jpg", "cannot read"), ("notes.txt", "extension")]:
+        line = next((ln for ln in r.stderr.splitlines() if name in ln), "")
+        assert why in line, (name, r.stderr)
+    assert load_head(tmp_path / "h.pt").classes == ["discs", "stripes"]
+    # A class whose every photo is bad: an error naming it, and no head file written.
+    (root / "empty class").mkdir()
+    (root / "empty class" / "zero.jpg").write_bytes(b"")
+    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h2.pt"), check=False)
+    assert r.returncode == 2 and "empty class" in r.stderr and not (tmp_path / "h2.pt").exists()

@@ -61,7 +61,12 @@ def scan_folder(root: str | os.PathLike[str]) -> Dataset:
     ds = Dataset(classes, [], [])
     for ci, c in enumerate(classes):
         for p in sorted((root / c).rglob("*")):
-            if not p.is_file() or is_hidden(p, root):
+            if is_hidden(p, root):
+                continue
+            if p.is_symlink() and not p.exists():
+                ds.skipped.append((str(p), "cannot read (a link to nothing)"))
+                continue
+            if not p.is_file():
                 continue
             if p.suffix.lower() not in IMAGE_EXTS:
                 ds.skipped.append((str(p), f"not an image file extension ({p.suffix or 'none'})"))
