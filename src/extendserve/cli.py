@@ -27,7 +27,6 @@ def err(msg: str) -> None:
 def cmd_train_head(a: argparse.Namespace) -> int:
     import numpy as np
 
-    from .backbone import load_backbone
     from .features import FeatureExtractor, scan_folder
     from .preprocess import list_images
     from .train import TrainSettings, train_head
@@ -37,7 +36,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         raise ExtendserveError(f"-o {out} is a folder; give a file name such as {out / 'head.pt'}")
     t0 = time.time()
     ds = scan_folder(a.data)
-    backbone = load_backbone(a.backbone)
+    backbone = backbone_from_args(a)
     skipped = list(ds.skipped)
     fx = FeatureExtractor(backbone)
     feats, ok, hits = fx.extract(ds.files, on_skip=lambda p, why: skipped.append((p, why)))
@@ -58,7 +57,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     head, report = train_head(backbone, feats, labels, ds.classes, settings, negatives=neg)
     head.name = a.name or out.stem
     head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
-                          "negatives": None if neg is None else int(len(neg))})
+                          "negatives": None if neg is None else int(len(neg)), **weights_settings(a)})
     head.save(out)
     print(f"classes ({len(ds.classes)}), photos used per class:")
     for c, n in report.counts.items():
@@ -77,32 +76,86 @@ def cmd_train_head(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- build
 
 
+def backbone_from_args(a: argparse.Namespace) -> Any:
+    """The backbone, with ``--weights`` restored over the registry's when given (report printed)."""
+    from .backbone import load_backbone, restore_summary
+
+    if not a.weights and (a.exclude or a.restore != "all"):
+        raise ExtendserveError("--restore and --exclude apply to --weights CKPT; give the checkpoint too")
+    backbone = load_backbone(a.backbone, a.weights, a.restore, a.exclude or ())
+    if backbone.weights:
+        err(restore_summary(backbone.weights))
+    return backbone
+
+
+def weights_settings(a: argparse.Namespace) -> dict[str, Any]:
+    return {"weights": absolute(a.weights) if a.weights else None, "restore": a.restore, "exclude": a.exclude or []}
+
+
+def absolute(path: str) -> str:
+    """Recorded paths are absolute, so ``build --from`` works from any directory."""
+    return str(Path(path).absolute())
+
+
 def cmd_build(a: argparse.Namespace) -> int:
-    from .backbone import load_backbone
     from .export import build_model
     from .head import load_head
 
+    recorded = None
+    if a.from_manifest:
+        recorded = settings_from_manifest(a)
+    if a.output is None:
+        a.output = DEFAULT_MODEL_DIR
     classes = a.classes or []
     if classes and len(classes) != len(a.new_head or []):
         raise ExtendserveError("give one --classes FILE per --new-head, in the same order (or none)")
     t0 = time.time()
-    backbone = load_backbone(a.backbone)
+    backbone = backbone_from_args(a)
     heads = []
     for i, path in enumerate(a.new_head or []):
         h = load_head(path, classes[i] if classes else None, backbone=a.backbone)
         h.check_fits(backbone.spec.name, backbone.spec.feature_dim, backbone.digest, force=a.force)
+        if recorded is not None and h.digest() != recorded["heads"][i + 1]["digest"]:
+            raise ExtendserveError(f"{path} changed since {a.from_manifest} was built (its digest differs); "
+                                   "restore that head file, or build afresh with --new-head")
         heads.append(h)
     real = demo_pixels(backbone.spec.preprocess)
     manifest = build_model(backbone, heads, a.output, real_inputs=real,
-                           settings={"backbone": a.backbone, "new_head": a.new_head or [],
-                                     "classes": classes, "force": a.force})
+                           settings={"backbone": a.backbone, "new_head": [absolute(p) for p in a.new_head or []],
+                                     "classes": [absolute(p) for p in classes], "force": a.force,
+                                     **weights_settings(a)})
     v = manifest["verification"]
     print(f"built {a.output}: {len(manifest['labels'])} classes "
           f"(1000 ImageNet + {len(manifest['labels']) - 1000} new) in {time.time() - t0:.1f}s")
     print(f"verified on {v['inputs']} inputs: ImageNet logits max |onnx - original| = "
           f"{v['imagenet_max_abs_diff']:.2e} (tolerance {v['tolerance']:.0e}), new logits "
           f"{v['new_max_abs_diff']:.2e}")
+    if recorded is not None:
+        same = manifest["model_sha256"] == recorded.get("model_sha256")
+        print(f"rebuilt from {a.from_manifest}: model.onnx is "
+              + ("byte-identical to the recorded one" if same else "NOT identical to the recorded one"))
+        if not same:
+            return 1
     return 0
+
+
+def settings_from_manifest(a: argparse.Namespace) -> dict[str, Any]:
+    """Fill ``a`` from a manifest's recorded settings (for ``build --from``); returns the manifest."""
+    path = Path(a.from_manifest)
+    if path.is_dir():
+        path = path / "manifest.json"
+    try:
+        m = json.loads(path.read_text("utf-8"))
+        st = m["settings"]
+        a.backbone, a.new_head, a.classes, a.force = st["backbone"], st["new_head"], st["classes"], st["force"]
+        a.weights, a.restore, a.exclude = st.get("weights"), st.get("restore", "all"), st.get("exclude", [])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExtendserveError(f"{path}: not a manifest extendserve can rebuild from ({e})") from None
+    if st.get("demo"):
+        raise ExtendserveError(f"{path}: the demo model is rebuilt with: extendserve demo")
+    if a.output is None:
+        a.output = str(path.parent)
+    return m
 
 
 def demo_pixels(cfg: Any) -> list[Any]:
@@ -154,16 +207,43 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def cmd_backbones(a: argparse.Namespace) -> int:
-    from .backbone import REGISTRY
+    """The registry, with each entry's top-1 on an ImageNet sample folder when there is one."""
+    from .backbone import REGISTRY, imagenet_top1, load_backbone
 
-    print(f"{'name':<22}{'input':>6}{'resize':>8}{'features':>10}  classifier      weights package")
+    sample = Path(a.imagenet) if a.imagenet else None
+    if sample is not None and not sample.is_dir():
+        raise ExtendserveError(f"{sample}: not a folder; give --imagenet a folder of <synset>_<name>.JPEG photos")
+    rows = []
     for s in REGISTRY.values():
-        print(f"{s.name:<22}{s.input_size:>6}{s.preprocess.resize:>8}{s.feature_dim:>10}  "
-              f"{','.join(s.classifier):<16}{s.weights_package}")
+        top1 = "-"
+        if sample is not None:
+            right, n = imagenet_top1(load_backbone(s.name), sample)
+            top1 = f"{right}/{n} ({right / max(n, 1):.1%})"
+        rows.append([s.name, f"{s.input_size}", f"{s.preprocess.resize}", f"{s.feature_dim}", ",".join(s.classifier),
+                     top1, s.weights_package])
+    head = ["name", "input", "resize", "features", "classifier (replaced by a new head)", "top-1", "weights package"]
+    if a.json:
+        print(json.dumps([dict(zip(head, r)) for r in rows], indent=2))
+        return 0
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    for r in [head] + rows:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+    if sample is None:
+        print("(top-1: pass --imagenet DIR, for example ../shared/data/imagenet-sample)")
     return 0
 
 
 # --------------------------------------------------------------------------- parser
+
+
+def weight_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone weights")
+    g.add_argument("--weights", metavar="CKPT", help="a state dict for --backbone (fine-tuned elsewhere) restored "
+                                                     "over the registry's ImageNet weights")
+    g.add_argument("--restore", default="all", choices=["all", "backbone"],
+                   help="all: every matching tensor; backbone: keep the registry's original classifier")
+    g.add_argument("--exclude", action="append", metavar="PATTERN",
+                   help="never restore parameters matching this shell-style pattern (repeatable), e.g. '_blocks.15.*'")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -192,14 +272,19 @@ def parser() -> argparse.ArgumentParser:
                         "steals fewer ImageNet photos and misses more new ones")
     t.add_argument("--gate-scale", type=float, default=40.0,
                    help="gated: logits per unit of cosine similarity past the gate (score sharpness)")
+    weight_options(t)
     t.set_defaults(func=cmd_train_head)
 
     b = sub.add_parser("build", help="merge heads with the backbone, export ONNX and verify it")
     b.add_argument("--new-head", action="append", help="head file (repeatable, in output order)")
     b.add_argument("--classes", action="append", help="class list for a head trained elsewhere, one per --new-head")
-    b.add_argument("-o", "--output", default=DEFAULT_MODEL_DIR)
+    b.add_argument("-o", "--output", help=f"model dir to write (default: {DEFAULT_MODEL_DIR}; with --from, "
+                                           "the manifest's own dir)")
     b.add_argument("--backbone", default=DEFAULT_BACKBONE)
     b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
+    b.add_argument("--from", dest="from_manifest", metavar="MANIFEST",
+                   help="rebuild with every setting recorded in a model's manifest.json (other options ignored)")
+    weight_options(b)
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser("predict", help="classify photos with a built model (onnxruntime, no torch)")
@@ -221,6 +306,10 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     k = sub.add_parser("backbones", help="list the backbone registry")
+    default_sample = Path("../shared/data/imagenet-sample")
+    k.add_argument("--imagenet", default=str(default_sample) if default_sample.is_dir() else None,
+                   help="ImageNet sample folder for the top-1 column (default: ../shared/data/imagenet-sample if present)")
+    k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_backbones)
     return p
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import hashlib
 import io
 import json
 import os
@@ -142,13 +143,15 @@ def build_model(
         "labels": labels,
         "heads": heads_meta,
         "backbone": {"name": spec.name, "digest": backbone.digest, "weights_package": spec.weights_package,
-                     "feature_dim": spec.feature_dim, "classifier": list(spec.classifier)},
+                     "feature_dim": spec.feature_dim, "classifier": list(spec.classifier),
+                     "restored_weights": backbone.weights},
         "preprocess": pre,
         "input": {"name": "pixels", "dtype": "uint8", "shape": ["batch", spec.input_size, spec.input_size, 3],
                   "layout": "NHWC RGB after resize and centre crop"},
         "output": {"name": "logits", "dtype": "float32", "shape": ["batch", len(labels)]},
         "opset": OPSET,
         "verification": check,
+        "model_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "settings": settings or {},
         "built": {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
                   "extendserve": __version__, "torch": torch.__version__, "python": platform.python_version()},

@@ -132,7 +132,7 @@ class LinearScorer(nn.Module):
 # --------------------------------------------------------------------------- reading
 
 
-def _safe_load(path: Path) -> Any:
+def safe_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -184,7 +184,7 @@ def load_head(
 ) -> Head:
     """Read a head file of ours, or a foreign state dict plus a class list (one name a line)."""
     path = Path(path)
-    obj = _safe_load(path)
+    obj = safe_load(path)
     if not isinstance(obj, dict):
         raise HeadFileError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     if obj.get("format") == FORMAT:
