@@ -49,4 +49,8 @@ burst: install model
 bench-calibration: install
 	$(BIN)/python bench/calibration.py
 
-.PHONY: install model serve test bench burst bench-calibration browser
+# The --unfreeze-top K table of README.md (needs ../shared/data; about 4 minutes).
+bench-unfreeze: install
+	$(BIN)/python bench/unfreeze_bench.py
+
+.PHONY: install model serve test bench burst bench-calibration bench-unfreeze browser

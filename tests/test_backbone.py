@@ -52,10 +52,10 @@ def test_matches_independent_implementation(name):
 
 @needs_shared
 @pytest.mark.parametrize("name", NAMES)
-def test_top1_on_imagenet_sample(name, tmp_path, monkeypatch):
+def test_top1_on_imagenet_sample(name):
     from extendserve.backbone import imagenet_top1
 
-    monkeypatch.setenv("EXTENDSERVE_CACHE", str(tmp_path))  # computed here, not read from a cache
+    # The test session's cache starts empty (conftest): computed here, then reused by `backbones`.
     assert imagenet_top1(load_backbone(name), IMAGENET_SAMPLE) == (TOP1[name], 200)
 
 

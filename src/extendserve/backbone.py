@@ -136,6 +136,17 @@ class EfficientNetLite(nn.Module):
         x = self.act(self._bn1(self._conv_head(x)))
         return x.mean(dim=(2, 3))
 
+    def forward_tapped(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Pooled features, plus the activation entering each block index in ``taps``: where a
+        fine-tuned copy of the top blocks branches off the shared trunk."""
+        x = self.act(self._bn0(self._conv_stem(x)))
+        saved = {}
+        for i, block in enumerate(self._blocks):
+            if i in taps:
+                saved[i] = x
+            x = block(x)
+        return self.forward_top(x, len(self._blocks)), saved
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised NCHW float input -> pooled features [B, 1280]."""
         return self.forward_top(self.forward_trunk(x), len(self._blocks))

@@ -54,7 +54,18 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, holdout=a.holdout,
                              augment=not a.no_augment, gate_quantile=a.gate_quantile,
                              gate_scale=a.gate_scale)
-    head, report = train_head(backbone, feats, labels, ds.classes, settings, negatives=neg)
+    if a.unfreeze_top:
+        from .finetune import train_unfrozen
+
+        if neg is not None or a.method != "gated":
+            raise ExtendserveError("--unfreeze-top trains the gated head without --negatives (for now); "
+                                   "drop --negatives / --method")
+        head, report = train_unfrozen(backbone, [ds.files[i] for i in ok], feats, labels, ds.classes, settings,
+                                      a.unfreeze_top, a.freeze or ())
+    elif a.freeze:
+        raise ExtendserveError("--freeze narrows what --unfreeze-top K fine-tunes; give --unfreeze-top too")
+    else:
+        head, report = train_head(backbone, feats, labels, ds.classes, settings, negatives=neg)
     head.name = a.name or out.stem
     head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
                           "negatives": None if neg is None else int(len(neg)), **weights_settings(a)})
@@ -272,6 +283,12 @@ def parser() -> argparse.ArgumentParser:
                         "steals fewer ImageNet photos and misses more new ones")
     t.add_argument("--gate-scale", type=float, default=40.0,
                    help="gated: logits per unit of cosine similarity past the gate (score sharpness)")
+    t.add_argument("--unfreeze-top", type=int, default=0, metavar="K",
+                   help="fine-tune a private copy of the backbone's last K blocks (and head conv) with the new "
+                        "classes; the original blocks keep serving ImageNet unchanged (default 0: all frozen)")
+    t.add_argument("--freeze", action="append", metavar="PATTERN",
+                   help="with --unfreeze-top: keep parameters matching this shell-style pattern at their "
+                        "pretrained values (repeatable), e.g. '*_bn*' or '_blocks.15._depthwise_conv.*'")
     weight_options(t)
     t.set_defaults(func=cmd_train_head)
 

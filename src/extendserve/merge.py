@@ -42,16 +42,35 @@ class FeatureModel(nn.Module):
 
 
 class MergedModel(nn.Module):
-    """pixels -> [original 1000 logits | head A | head B ...] from one shared feature vector."""
+    """pixels -> [original 1000 logits | head A | head B ...] from one shared trunk.
+
+    A head trained with ``--unfreeze-top K`` brings its own fine-tuned copy of the top K blocks:
+    it branches off the trunk where those blocks start, while the original top blocks keep
+    feeding the ImageNet classifier, so the first 1000 outputs stay the original logits.
+    """
 
     def __init__(self, backbone: LoadedBackbone, heads: Sequence[Head]):
         super().__init__()
+        from .finetune import top_from_head
+
         self.features = FeatureModel(backbone)
         self.heads = nn.ModuleList([h.scorer() for h in heads])
+        tops = [top_from_head(backbone, h) for h in heads]
+        self.tops = nn.ModuleList([t if t is not None else nn.Identity() for t in tops])
+        self.starts = [t.start if t is not None else None for t in tops]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.features(pixels)
-        old = self.features.backbone.forward_head(feats)
+        bb = self.features.backbone
+        taps = sorted({s for s in self.starts if s is not None})
+        if taps:
+            feats, saved = bb.forward_tapped(self.features.adapter(pixels), taps)
+        else:
+            feats, saved = self.features(pixels), {}
+        old = bb.forward_head(feats)
         if not len(self.heads):
             return old
-        return torch.cat([old] + [head(feats, old) for head in self.heads], dim=1)
+        outs = [old]
+        for head, top, start in zip(self.heads, self.tops, self.starts):
+            own = feats if start is None else top(saved[start])
+            outs.append(head(own, old))
+        return torch.cat(outs, dim=1)

@@ -27,6 +27,8 @@ class TrainSettings:
     augment: bool = True  # train on all VIEWS, not only the served centre crop
     gate_quantile: float = 0.05  # gated: share of (leave-one-out) positives the gate may reject
     gate_scale: float = 40.0  # gated: logits per unit of cosine similarity above the threshold
+    finetune_lr: float = 1e-4  # --unfreeze-top: Adam step for the copied top blocks
+    finetune_epochs: int = 8  # --unfreeze-top: passes over every training view
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
