@@ -42,6 +42,20 @@ def link_tree(dst: Path, mapping: dict[str, list[Path]]) -> Path:
     return dst
 
 
+def fixed_split(celebs: Path, held: int = 4, seed: int = 0) -> tuple[list[str], dict[str, tuple[list[Path], list[Path]]]]:
+    """People, and per person (training photos, ``held`` held-out photos): the benches' fixed split."""
+    import numpy as np
+
+    people = sorted(p.name for p in celebs.iterdir() if p.is_dir())
+    rng = np.random.default_rng(seed)
+    split = {}
+    for p in people:
+        files = sorted((celebs / p).iterdir())
+        order = rng.permutation(len(files))
+        split[p] = ([files[i] for i in order[held:]], [files[i] for i in order[:held]])
+    return people, split
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default="../shared/data")
@@ -50,15 +64,8 @@ def main() -> None:
     shared = Path(a.shared)
     celebs = shared / "celebs" / "train"
     imagenet = sorted((shared / "imagenet-sample").iterdir())
-    import numpy as np
 
-    people = sorted(p.name for p in celebs.iterdir() if p.is_dir())
-    rng = np.random.default_rng(0)
-    split = {}
-    for p in people:
-        files = sorted((celebs / p).iterdir())
-        order = rng.permutation(len(files))
-        split[p] = ([files[i] for i in order[4:]], [files[i] for i in order[:4]])
+    people, split = fixed_split(celebs)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)

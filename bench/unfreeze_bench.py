@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibration import link_tree, run  # noqa: E402
+from calibration import fixed_split, link_tree, run  # noqa: E402
 from common import SHARED, best_rate, write_section  # noqa: E402
 
 
@@ -27,13 +27,7 @@ def main() -> None:
         raise SystemExit("needs ../shared/data/celebs/train")
     from extendserve.runtime import Model
 
-    people = sorted(p.name for p in celebs.iterdir() if p.is_dir())
-    rng = np.random.default_rng(0)
-    split = {}
-    for p in people:
-        files = sorted((celebs / p).iterdir())
-        order = rng.permutation(len(files))
-        split[p] = ([files[i] for i in order[4:]], [files[i] for i in order[:4]])
+    people, split = fixed_split(celebs)
     rows = []
     x = np.random.default_rng(0).integers(0, 256, (16, 224, 224, 3), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:

