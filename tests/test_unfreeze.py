@@ -60,3 +60,8 @@ def test_freeze_needs_unfreeze_and_must_leave_something(synthetic_data, tmp_path
     r = run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--unfreeze-top", "1",
                 "--freeze", "*", "--holdout", "0", check=False)
     assert r.returncode == 2 and "nothing" in r.stderr and not (tmp_path / "h.pt").exists()
+
+
+def test_unfreeze_top_out_of_range_fails_before_reading_photos(synthetic_data, tmp_path):
+    r = run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--unfreeze-top", "99", check=False)
+    assert r.returncode == 2 and "between 0 and 16" in r.stderr and "features" not in r.stderr

@@ -37,6 +37,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     t0 = time.time()
     ds = scan_folder(a.data)
     backbone = backbone_from_args(a)
+    check_unfreeze_options(a, len(backbone.model._blocks))
     skipped = list(ds.skipped)
     fx = FeatureExtractor(backbone)
     feats, ok, hits = fx.extract(ds.files, on_skip=lambda p, why: skipped.append((p, why)))
@@ -57,13 +58,8 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     if a.unfreeze_top:
         from .finetune import train_unfrozen
 
-        if neg is not None or a.method != "gated":
-            raise ExtendserveError("--unfreeze-top trains the gated head without --negatives (for now); "
-                                   "drop --negatives / --method")
         head, report = train_unfrozen(backbone, [ds.files[i] for i in ok], feats, labels, ds.classes, settings,
                                       a.unfreeze_top, a.freeze or ())
-    elif a.freeze:
-        raise ExtendserveError("--freeze narrows what --unfreeze-top K fine-tunes; give --unfreeze-top too")
     else:
         head, report = train_head(backbone, feats, labels, ds.classes, settings, negatives=neg)
     head.name = a.name or out.stem
@@ -82,6 +78,17 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
     print(f"wrote {out} (head {head.name!r}, method {head.method}, backbone {head.backbone})")
     return 0
+
+
+def check_unfreeze_options(a: argparse.Namespace, blocks: int) -> None:
+    """Before any photo is read: the --unfreeze-top / --freeze combination makes sense."""
+    if not 0 <= a.unfreeze_top <= blocks:
+        raise ExtendserveError(f"--unfreeze-top must be between 0 and {blocks} for {a.backbone}, not {a.unfreeze_top}")
+    if a.freeze and not a.unfreeze_top:
+        raise ExtendserveError("--freeze narrows what --unfreeze-top K fine-tunes; give --unfreeze-top too")
+    if a.unfreeze_top and (a.negatives or a.method != "gated"):
+        raise ExtendserveError("--unfreeze-top trains the gated head without --negatives (for now); "
+                               "drop --negatives / --method")
 
 
 # --------------------------------------------------------------------------- build
