@@ -77,8 +77,7 @@ def main() -> None:
     # Every 10th request is bad, cycling through the kinds.
     plan = [(kinds[(i // 10) % len(kinds)], bad[kinds[(i // 10) % len(kinds)]]) if i % 10 == 9 else ("good", good[i % len(good)])
             for i in range(a.requests)]
-    with serving(a.model) as url:
-        pid = serving.last_pid  # type: ignore[attr-defined]
+    with serving(a.model) as (url, pid):
         with ThreadPoolExecutor(a.concurrency) as pool:  # warm-up at full concurrency, then the baseline
             list(pool.map(lambda i: post(url, good[i % len(good)]), range(a.warmup)))
         rss = [rss_kb(pid)]

@@ -53,8 +53,8 @@ def post(url: str, body: bytes) -> float:
 
 
 @contextlib.contextmanager
-def serving(model: str, extra_env: dict[str, str] | None = None) -> Iterator[str]:
-    """A real ``bentoml serve`` of the project's service on a free port; its base URL."""
+def serving(model: str, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """A real ``bentoml serve`` of the project's service on a free port: its base URL and pid."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -62,7 +62,6 @@ def serving(model: str, extra_env: dict[str, str] | None = None) -> Iterator[str
     proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    serving.last_pid = proc.pid  # type: ignore[attr-defined]
     try:
         for _ in range(240):
             try:
@@ -72,7 +71,7 @@ def serving(model: str, extra_env: dict[str, str] | None = None) -> Iterator[str
                 if proc.poll() is not None:
                     raise SystemExit(f"bentoml serve exited with {proc.returncode}")
                 time.sleep(0.5)
-        yield url
+        yield url, proc.pid
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
@@ -108,7 +107,7 @@ def main() -> None:
     a = ap.parse_args()
     data, what = photos()
     rows = []
-    with serving(a.model) as url:
+    with serving(a.model) as (url, _):
         ref = in_process(a.model, data, a.requests)
         for clients in (1, 4, 16, 64):
             rows.append((clients, *load(url, data, clients, a.requests if clients > 1 else max(50, a.requests // 4))))
@@ -121,7 +120,7 @@ def main() -> None:
         lines += ["", "### The service's knobs, 16 clients", "",
                   "| service setting | photos/s | ratio to in-process | p50 ms | p99 ms |", "| --- | --- | --- | --- | --- |"]
         for label, env in VARIANTS:
-            with serving(a.model, env) as url:
+            with serving(a.model, env) as (url, _):
                 r, p50, p99 = load(url, data, 16, a.requests)
             lines.append(f"| {label} | {r:.1f} | {r / ref:.2f} | {p50:.0f} | {p99:.0f} |")
             print(lines[-1], flush=True)
