@@ -48,9 +48,10 @@ MODEL_DIR = os.environ.get("EXTENDSERVE_MODEL_DIR", "models/default")
 DEVICE = os.environ.get("EXTENDSERVE_DEVICE", "auto")
 MAX_UPLOAD = _env("EXTENDSERVE_MAX_UPLOAD_MB", 32, float, 0.001) * 1024 * 1024
 # Measured in bench/http_bench.py (docs/benchmarks.md), 16 clients on a 2-core CPU: one worker per
-# core with one onnxruntime thread each serves 0.93-1.00 of the in-process rate, one worker with
+# core with one onnxruntime thread each serves 0.87-1.00 of the in-process rate, one worker with
 # two threads 0.69-0.82 (its event loop, upload parsing and decoding share one GIL). Concurrent
-# photos are batched within 4 ms, up to 32 (no batching: 0.62; a 10 ms window: 0.72).
+# photos are batched within 4 ms, up to 32: with one worker batching was worth 0.82 vs 0.62; with
+# two, window and size made no difference beyond noise on this CPU.
 CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 WORKERS = _env("EXTENDSERVE_WORKERS", min(CORES, 4))
 BATCH_MS = _env("EXTENDSERVE_BATCH_MS", 4, float, 0)

@@ -244,7 +244,7 @@ class LoadedBackbone:
     spec: BackboneSpec
     model: EfficientNetLite
     digest: str  # of the backbone weights, classifier excluded
-    weights: dict | None = None  # where the weights came from when not the registry's: see restore_weights()
+    restore_report: dict | None = None  # with --weights: what restore_weights() restored, skipped, kept
 
 
 _CACHE: dict[tuple, LoadedBackbone] = {}
@@ -345,7 +345,8 @@ def imagenet_top1(backbone: LoadedBackbone, folder: str | os.PathLike[str]) -> t
 
     from .features import cache_root
     from .imagenet import synset_index
-    from .preprocess import list_images, load_image, resize_crop
+    from .merge import InputAdapter
+    from .preprocess import list_images, prepare_file
 
     files = [f for f in list_images(folder) if f.name.startswith("n") and "_" in f.name]
     key = hashlib.sha256("\n".join(f.name for f in files).encode()).hexdigest()[:12]
@@ -354,15 +355,13 @@ def imagenet_top1(backbone: LoadedBackbone, folder: str | os.PathLike[str]) -> t
         got = json.loads(cached.read_text())
         return int(got["right"]), int(got["photos"])
     cfg = backbone.spec.preprocess
+    adapter = InputAdapter(cfg)
     right = 0
     for i in range(0, len(files), 25):
         chunk = files[i : i + 25]
-        x = np.stack([resize_crop(load_image(f, cfg.resize), cfg) for f in chunk])
-        t = (torch.from_numpy(x).permute(0, 3, 1, 2).float() - torch.tensor(cfg.mean).view(1, 3, 1, 1)) / torch.tensor(
-            cfg.std
-        ).view(1, 3, 1, 1)
+        x = torch.from_numpy(np.stack([prepare_file(f, cfg) for f in chunk]))
         with torch.no_grad():
-            pred = backbone.model(t).argmax(1).numpy()
+            pred = backbone.model(adapter(x)).argmax(1).numpy()
         right += int(sum(int(p) == synset_index(f.name.split("_")[0]) for p, f in zip(pred, chunk)))
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps({"right": right, "photos": len(files)}))

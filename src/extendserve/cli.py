@@ -101,8 +101,8 @@ def backbone_from_args(a: argparse.Namespace) -> Any:
     if not a.weights and (a.exclude or a.restore != "all"):
         raise ExtendserveError("--restore and --exclude apply to --weights CKPT; give the checkpoint too")
     backbone = load_backbone(a.backbone, a.weights, a.restore, a.exclude or ())
-    if backbone.weights:
-        err(restore_summary(backbone.weights))
+    if backbone.restore_report:
+        err(restore_summary(backbone.restore_report))
     return backbone
 
 
@@ -179,9 +179,9 @@ def settings_from_manifest(a: argparse.Namespace) -> dict[str, Any]:
 def demo_pixels(cfg: Any) -> list[Any]:
     """Real photos for the build's verification: the demo photos that ship in PyPI packages."""
     from .demo import demo_photos
-    from .preprocess import load_image, resize_crop
+    from .preprocess import prepare_file
 
-    return [resize_crop(load_image(p, cfg.resize), cfg) for p in demo_photos().values()]
+    return [prepare_file(p, cfg) for p in demo_photos().values()]
 
 
 # --------------------------------------------------------------------------- predict

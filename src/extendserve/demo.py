@@ -43,7 +43,7 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
     from .backbone import load_backbone
     from .export import build_model
     from .features import FeatureExtractor
-    from .preprocess import load_image, resize_crop
+    from .preprocess import prepare_file
     from .train import TrainSettings, train_head
 
     photos = demo_photos()
@@ -66,5 +66,5 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
                              TrainSettings(holdout=0.0))
     head.name = "demo"
     head.source = "demo photos from matplotlib and scikit-image"
-    real = [resize_crop(load_image(p, backbone.spec.preprocess.resize), backbone.spec.preprocess) for p in photos.values()]
+    real = [prepare_file(p, backbone.spec.preprocess) for p in photos.values()]
     build_model(backbone, [head], out_dir, real_inputs=real, settings={"demo": True})

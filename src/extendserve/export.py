@@ -144,7 +144,7 @@ def build_model(
         "heads": heads_meta,
         "backbone": {"name": spec.name, "digest": backbone.digest, "weights_package": spec.weights_package,
                      "feature_dim": spec.feature_dim, "classifier": list(spec.classifier),
-                     "restored_weights": backbone.weights},
+                     "restored_weights": backbone.restore_report},
         "preprocess": pre,
         "input": {"name": "pixels", "dtype": "uint8", "shape": ["batch", spec.input_size, spec.input_size, 3],
                   "layout": "NHWC RGB after resize and centre crop"},

@@ -96,6 +96,11 @@ def views(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(np.stack(out))
 
 
+def photo_views(data: bytes, source: str, cfg: PreprocessConfig) -> np.ndarray:
+    """Photo bytes -> its VIEWS, decoded as the served path decodes (see preprocess.decode)."""
+    return views(decode(data, source, cfg.resize), cfg)
+
+
 class FeatureExtractor:
     """Cached features of the VIEWS of each photo, for one backbone's exact weights."""
 
@@ -166,7 +171,7 @@ class FeatureExtractor:
                 except (OSError, ValueError):
                     cpath.unlink(missing_ok=True)
             try:
-                v = views(decode(data, str(path), cfg.resize), cfg)
+                v = photo_views(data, str(path), cfg)
             except BadImageError as e:
                 if on_skip:
                     on_skip(str(path), str(e).split(": ", 1)[-1])

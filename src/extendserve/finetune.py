@@ -22,9 +22,8 @@ from torch import nn
 
 from .backbone import EfficientNetLite, LoadedBackbone
 from .errors import ExtendserveError, HeadFileError
-from .features import progress, views
+from .features import photo_views, progress
 from .head import Head
-from .preprocess import decode
 
 PREFIX = "top."
 
@@ -94,7 +93,7 @@ def trunk_maps(backbone: LoadedBackbone, files: Sequence[Path], start: int) -> t
     cfg = backbone.spec.preprocess
     out = []
     for i, f in enumerate(files):
-        v = views(decode(Path(f).read_bytes(), str(f), cfg.resize), cfg)
+        v = photo_views(Path(f).read_bytes(), str(f), cfg)
         out.append(sess.run(["trunk"], {"pixels": v})[0])
         progress("trunk activations", i + 1, len(files))
     return torch.from_numpy(np.stack(out))

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from .config import PreprocessConfig
 from .errors import BadImageError, ExtendserveError
-from .preprocess import load_image, prepare, resize_crop
+from .preprocess import prepare, prepare_file
 
 log = logging.getLogger("extendserve")
 
@@ -154,7 +154,7 @@ class Model:
         errors: dict[int, str] = {}
         for i, p in enumerate(paths):
             try:
-                arrays.append(resize_crop(load_image(p, self.preprocess.resize), self.preprocess))
+                arrays.append(prepare_file(p, self.preprocess))
                 ok.append(i)
             except BadImageError as e:
                 errors[i] = str(e)
