@@ -1,4 +1,5 @@
-"""The calibration table: naive concatenation, joint softmax, gated (default), with negatives.
+"""The calibration table: naive concatenation, joint softmax, gated (cosine gate; the default
+mahalanobis gate), with negatives.
 
 Real pipeline end to end (train-head -> build -> eval on model.onnx) on the shared photos:
 - new classes: 4 held-out photos per person (seed 0), the rest trained on; 5 people and 2 people;
@@ -23,7 +24,8 @@ from pathlib import Path
 ROWS = [("naive concatenation", ["--method", "naive"], False),
         ("joint softmax", ["--method", "joint"], False),
         ("joint softmax + negatives", ["--method", "joint"], True),
-        ("gated (default)", [], False),
+        ("gated, cosine gate", ["--gate", "cosine"], False),
+        ("gated (default: mahalanobis gate)", [], False),
         ("gated + negatives", [], True)]
 
 

@@ -55,12 +55,16 @@ class NewOnly(nn.Module):
         return self.merged(pixels)[:, 1000:]
 
 
-def random_head(dim: int, n: int = 5) -> Head:
+def random_head(dim: int, n: int = 5, rank: int = 256) -> Head:
+    """A head shaped like the default (Mahalanobis-gated) one: the same graph and the same work."""
     g = torch.Generator().manual_seed(0)
-    protos = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    means = torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1)
+    basis = torch.linalg.qr(torch.randn(dim, rank, generator=g)).Q
     return Head(classes=[f"class {i}" for i in range(n)], weight=torch.randn(n, dim, generator=g) * 0.01,
                 bias=torch.zeros(n), backbone="efficientnet_lite0", backbone_digest="", method="gated",
-                extras={"prototypes": protos, "thresholds": torch.full((n,), 0.5), "scale": torch.tensor([40.0])})
+                extras={"means": means, "basis": basis, "basis_weights": torch.full((rank,), 0.5),
+                        "sigma": torch.tensor([1e-4]), "thresholds": torch.full((n,), 100.0),
+                        "scale": torch.tensor([40.0])})
 
 
 def main() -> None:

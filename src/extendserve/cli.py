@@ -38,6 +38,10 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     ds = scan_folder(a.data)
     backbone = backbone_from_args(a)
     check_unfreeze_options(a, len(backbone.model._blocks))
+    if not 0 <= a.gate_quantile < 1:
+        raise ExtendserveError(f"--gate-quantile is a share of photos: give a value from 0 up to (not) 1, not {a.gate_quantile}")
+    if not 0 < a.gate_shrinkage <= 1:
+        raise ExtendserveError(f"--gate-shrinkage must be above 0 and at most 1, not {a.gate_shrinkage}")
     skipped = list(ds.skipped)
     fx = FeatureExtractor(backbone)
     feats, ok, hits = fx.extract(ds.files, on_skip=lambda p, why: skipped.append((p, why)))
@@ -53,8 +57,8 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         neg, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
         err(f"negatives: {len(neg)} photos ({nhits} cached)")
     settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, holdout=a.holdout,
-                             augment=not a.no_augment, gate_quantile=a.gate_quantile,
-                             gate_scale=a.gate_scale)
+                             augment=not a.no_augment, gate=a.gate, gate_quantile=a.gate_quantile,
+                             gate_scale=a.gate_scale, gate_shrinkage=a.gate_shrinkage)
     if a.unfreeze_top:
         from .finetune import train_unfrozen
 
@@ -285,11 +289,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--holdout", type=float, default=0.2, help="share held out to report accuracy (0: none)")
     t.add_argument("--no-augment", action="store_true", help="train on the centre crop only")
+    t.add_argument("--gate", default="mahalanobis", choices=["mahalanobis", "cosine"],
+                   help="gated: how nearness to the new classes is measured: distance to the class means under "
+                        "a shrunk shared covariance (default), or cosine similarity to class prototypes")
     t.add_argument("--gate-quantile", type=float, default=0.05,
-                   help="gated: share of training photos (leave-one-out) the gate may reject; higher "
+                   help="gated: share of training photos (scored out of sample) the gate may reject; higher "
                         "steals fewer ImageNet photos and misses more new ones")
+    t.add_argument("--gate-shrinkage", type=float, default=0.8,
+                   help="mahalanobis gate: 0..1, how far the class covariance is pulled towards a sphere "
+                        "(1: plain distance to the class mean)")
     t.add_argument("--gate-scale", type=float, default=40.0,
-                   help="gated: logits per unit of cosine similarity past the gate (score sharpness)")
+                   help="gated: logits per unit of gate margin past the threshold (score sharpness)")
     t.add_argument("--unfreeze-top", type=int, default=0, metavar="K",
                    help="fine-tune a private copy of the backbone's last K blocks (and head conv) with the new "
                         "classes; the original blocks keep serving ImageNet unchanged (default 0: all frozen)")

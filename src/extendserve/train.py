@@ -25,8 +25,12 @@ class TrainSettings:
     seed: int = 0
     holdout: float = 0.2  # share of each class held out to report accuracy (>= 5 photos a class)
     augment: bool = True  # train on all VIEWS, not only the served centre crop
-    gate_quantile: float = 0.05  # gated: share of (leave-one-out) positives the gate may reject
-    gate_scale: float = 40.0  # gated: logits per unit of cosine similarity above the threshold
+    gate: str = "mahalanobis"  # gated: mahalanobis (default) | cosine; see calibrate
+    gate_quantile: float = 0.05  # gated: share of (out-of-sample) positives the gate may reject
+    gate_scale: float = 40.0  # gated: logits per unit of gate margin past the threshold
+    gate_shrinkage: float = 0.8  # mahalanobis: weight of the isotropic part of the covariance
+    gate_rank: int = 256  # mahalanobis: covariance eigenvectors kept (the rest count as isotropic)
+    gate_folds: int = 5  # mahalanobis: folds for the out-of-sample positives' distances
     finetune_lr: float = 1e-4  # --unfreeze-top: Adam step for the copied top blocks
     finetune_epochs: int = 8  # --unfreeze-top: passes over every training view
 
