@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from .backbone import LoadedBackbone
+from .config import GATES
 from .errors import ExtendserveError, HeadFileError
 from .head import Head
 
@@ -138,9 +139,6 @@ def choose_threshold(pos: np.ndarray, quantile: float, neg: np.ndarray | None) -
     if neg is None or not len(neg):
         return t
     return max(t, float(np.quantile(neg, 0.99)))
-
-
-GATES = ("mahalanobis", "cosine")
 
 
 def fit_gated(

@@ -34,14 +34,11 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     out = Path(a.output)
     if out.is_dir():
         raise ExtendserveError(f"-o {out} is a folder; give a file name such as {out / 'head.pt'}")
+    check_gate_options(a)
     t0 = time.time()
     ds = scan_folder(a.data)
     backbone = backbone_from_args(a)
     check_unfreeze_options(a, len(backbone.model._blocks))
-    if not 0 <= a.gate_quantile < 1:
-        raise ExtendserveError(f"--gate-quantile is a share of photos: give a value from 0 up to (not) 1, not {a.gate_quantile}")
-    if not 0 < a.gate_shrinkage <= 1:
-        raise ExtendserveError(f"--gate-shrinkage must be above 0 and at most 1, not {a.gate_shrinkage}")
     skipped = list(ds.skipped)
     fx = FeatureExtractor(backbone)
     feats, ok, hits = fx.extract(ds.files, on_skip=lambda p, why: skipped.append((p, why)))
@@ -82,6 +79,14 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
     print(f"wrote {out} (head {head.name!r}, method {head.method}, backbone {head.backbone})")
     return 0
+
+
+def check_gate_options(a: argparse.Namespace) -> None:
+    """Before the backbone is loaded: the gate's numbers are in range."""
+    if not 0 <= a.gate_quantile < 1:
+        raise ExtendserveError(f"--gate-quantile is a share of photos: give a value from 0 up to (not) 1, not {a.gate_quantile}")
+    if not 0 < a.gate_shrinkage <= 1:
+        raise ExtendserveError(f"--gate-shrinkage must be above 0 and at most 1, not {a.gate_shrinkage}")
 
 
 def check_unfreeze_options(a: argparse.Namespace, blocks: int) -> None:
@@ -269,7 +274,7 @@ def weight_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_BACKBONE
+    from .config import DEFAULT_BACKBONE, GATES
 
     p = argparse.ArgumentParser(prog="extendserve", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -289,7 +294,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--holdout", type=float, default=0.2, help="share held out to report accuracy (0: none)")
     t.add_argument("--no-augment", action="store_true", help="train on the centre crop only")
-    t.add_argument("--gate", default="mahalanobis", choices=["mahalanobis", "cosine"],
+    t.add_argument("--gate", default=GATES[0], choices=GATES,
                    help="gated: how nearness to the new classes is measured: distance to the class means under "
                         "a shrunk shared covariance (default), or cosine similarity to class prototypes")
     t.add_argument("--gate-quantile", type=float, default=0.05,

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+GATES = ("mahalanobis", "cosine")  # the gated head's gates, default first (see calibrate)
 
 
 @dataclass(frozen=True)

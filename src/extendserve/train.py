@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import LoadedBackbone
+from .config import GATES
 from .errors import ExtendserveError
 from .features import progress
 from .head import Head
@@ -25,7 +26,7 @@ class TrainSettings:
     seed: int = 0
     holdout: float = 0.2  # share of each class held out to report accuracy (>= 5 photos a class)
     augment: bool = True  # train on all VIEWS, not only the served centre crop
-    gate: str = "mahalanobis"  # gated: mahalanobis (default) | cosine; see calibrate
+    gate: str = GATES[0]  # gated: mahalanobis (default) | cosine; see calibrate
     gate_quantile: float = 0.05  # gated: share of (out-of-sample) positives the gate may reject
     gate_scale: float = 40.0  # gated: logits per unit of gate margin past the threshold
     gate_shrinkage: float = 0.8  # mahalanobis: weight of the isotropic part of the covariance
