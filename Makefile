@@ -40,6 +40,7 @@ bench: install model
 	$(BIN)/python bench/pipeline_bench.py
 	$(BIN)/python bench/http_bench.py
 	$(BIN)/python bench/train_build_bench.py
+	$(BIN)/python bench/fairness.py
 
 # 1500 requests, 48 at once, bad inputs mixed in; exits non-zero on any failure or memory growth.
 burst: install model

@@ -16,6 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import IMAGENET_SAMPLE, ROOT, bomb_png, header_only_jpeg, jpeg_bytes, synthetic_photo
@@ -39,14 +40,33 @@ def multipart(fields: list[tuple[str, str | bytes, str | None]]) -> tuple[bytes,
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+def read_reply(sock) -> str:
+    """A whole HTTP response off a raw socket the server closes after answering."""
+    chunks = []
+    while True:
+        try:
+            data = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+        text = b"".join(chunks).decode("latin-1")
+        head, _, body = text.partition("\r\n\r\n")
+        length = next((int(ln.split(":")[1]) for ln in head.split("\r\n") if ln.lower().startswith("content-length")), None)
+        if length is not None and len(body.encode("latin-1")) >= length:
+            break
+    return b"".join(chunks).decode("latin-1")
+
+
 class Server:
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, **extra_env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = os.environ | {"EXTENDSERVE_MODEL_DIR": str(model_dir), "EXTENDSERVE_DEVICE": "auto",
                             "EXTENDSERVE_MAX_UPLOAD_MB": "2",
-                            "BENTOML_HOME": str(model_dir.parent / "bentoml-home")}
-        self.log = open(model_dir.parent / "serve.log", "w+")
+                            "BENTOML_HOME": str(model_dir.parent / "bentoml-home")} | extra_env
+        self.log = open(model_dir.parent / f"serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(self.port)],
                                      cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -75,6 +95,10 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
+    def workers(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(x) for x in out.split()]
+
     def get(self, path: str) -> tuple[int, bytes]:
         with urllib.request.urlopen(self.url + path, timeout=30) as r:
             return r.status, r.read()
@@ -90,7 +114,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(built_model):
-    s = Server(built_model)
+    # One worker, so that a request can be sent to the worker a batch is keeping busy.
+    s = Server(built_model, EXTENDSERVE_WORKERS="1", EXTENDSERVE_MAX_BATCH_PHOTOS="300")
     yield s
     s.stop()
 
@@ -141,9 +166,20 @@ def test_bad_photos_are_400_json(server, data):
 
 
 def test_upload_over_limit_is_413(server):
+    """Refused from its Content-Length, so the server may answer (and close) while the client is still
+    sending: read the answer as curl does, whatever happens to the rest of the upload."""
+    import socket as _socket
+
     big = disc() + b"\0" * (3 * 1024 * 1024)  # a valid JPEG with trailing bytes, over the 2 MB test limit
-    status, body = server.post("/classify", [("image", big, "big.jpg")])
-    assert status == 413 and "limit" in body["error"]
+    body, ctype = multipart([("image", big, "big.jpg")])
+    with _socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        try:
+            sock.sendall(f"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        reply = read_reply(sock)
+    assert reply.startswith("HTTP/1.1 413") and "limit" in json.loads(reply.split("\r\n\r\n", 1)[1])["error"]
 
 
 def test_bad_top_k_and_missing_field(server):
@@ -170,11 +206,12 @@ def test_concurrent_requests_are_batched(server):
     assert all(s == 200 and b["predictions"][0]["label"] == "red discs" for s, b in results)
 
 
-def test_no_torch_in_service(server):
+def test_no_torch_in_service(server, built_model):
     src = (ROOT / "service" / "service.py").read_text()
     assert "import torch" not in src
     code = "import sys; sys.path.insert(0, '.'); import service.service; assert 'torch' not in sys.modules; print('ok')"
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       env=os.environ | {"EXTENDSERVE_MODEL_DIR": str(built_model)})
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
@@ -209,3 +246,134 @@ def test_ui_page_in_chromium(server, tmp_path):
         assert "1002 classes" in page.locator("#meta").inner_text()
         page.screenshot(path=str(tmp_path / "ui.png"))
         browser.close()
+
+
+# --------------------------------------------------------------------------- faults (hostile or careless users)
+
+
+def test_top_k_must_be_digits(server):
+    for bad in ("1e3", "true", "5.0", "-1", "five"):
+        status, body = server.post("/classify", [("image", disc(), "x.jpg"), ("top_k", bad, None)])
+        assert status == 400 and "top_k" in json.dumps(body), (bad, status, body)
+
+
+def test_content_length_over_limit_refused_before_reading(server):
+    """A 1 GB Content-Length is answered 413 at once: the body is never sent, let alone read."""
+    import socket as _socket
+
+    with _socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n")
+        reply = read_reply(sock)
+    assert reply.startswith("HTTP/1.1 413") and "upload limit" in reply
+
+
+def test_chunked_body_cut_off_at_limit(server):
+    body, ctype = multipart([("image", disc() + b"\0" * (3 * 1024 * 1024), "big.jpg")])
+    req = urllib.request.Request(server.url + "/classify", data=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),
+                                 headers={"Content-Type": ctype, "Transfer-Encoding": "chunked"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and "upload limit" in json.loads(e.value.read())["error"]
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_sixteen_bit_photo_memory_bounded(server):
+    """A 7900x7900 16-bit PNG (about 120 KB) once took a worker from 498 to 2629 MB; decoding now
+    costs the decoded photo (125 MB) and a few rows. Limit: the worker's peak grows < 400 MB."""
+    import io
+
+    from PIL import Image
+
+    a = np.zeros((7900, 7900), np.uint16)
+    a[::50] = 60000
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG", optimize=True)
+    (worker,) = server.workers()
+    before = _peak_rss_mb(worker)
+    status, body = server.post("/classify", [("image", buf.getvalue(), "deep.png")])
+    assert status == 200, body
+    assert _peak_rss_mb(worker) - before < 400
+
+
+def test_batch_cap_and_fairness(server):
+    """A batch over the cap is refused; a batch under it takes turns with single requests: a
+    single photo sent while a 300-photo batch is being served is answered long before it."""
+    small = jpeg_bytes(synthetic_photo(1, 77, (96, 80)))
+    status, body = server.post("/classify_batch", [("images", small, f"{i}.jpg") for i in range(301)])
+    assert status == 413 and "EXTENDSERVE_MAX_BATCH_PHOTOS" in body["error"]
+    photo = disc()
+    done: dict[str, float] = {}
+
+    def big() -> None:
+        status, out = server.post("/classify_batch", [("images", photo, f"{i}.jpg") for i in range(300)])
+        assert status == 200 and len(out) == 300
+        done["batch"] = time.perf_counter()
+
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(big)
+        time.sleep(1.0)
+        status, _ = server.post("/classify", [("image", photo, "one.jpg")])
+        done["single"] = time.perf_counter()
+        fut.result()
+    assert status == 200 and done["single"] < done["batch"] - 0.5, done
+
+
+@pytest.mark.parametrize("case", ["missing model", "EXTENDSERVE_DEVICE=gpu", "EXTENDSERVE_BATCH_MS=inf",
+                                  "EXTENDSERVE_MAX_UPLOAD_MB=nan", "manifest of another model"])
+def test_bad_start_exits_whole_service(built_model, tmp_path, case):
+    model, env = tmp_path / "m", {}
+    shutil.copytree(built_model, model)
+    if case == "missing model":
+        model = tmp_path / "nowhere"
+    elif case == "manifest of another model":
+        manifest = json.loads((model / "manifest.json").read_text())
+        manifest["model_sha256"] = "0" * 64
+        (model / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        key, value = case.split("=")
+        env[key] = value
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "bentoml", "serve", "--port", str(free_port())], cwd=ROOT,
+                       env=os.environ | {"EXTENDSERVE_MODEL_DIR": str(model)} | env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0 and time.time() - t0 < 30
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("extendserve: "))
+    assert (str(model) if "model" in case else case.split("=")[0]) in line and "Traceback" not in r.stderr
+
+
+def test_one_model_for_the_life_of_the_service(built_model, tmp_path):
+    """Rebuild the served folder, corrupt its model.onnx, kill -9 a worker: every answer still comes
+    from the model the service started with, and the restarted worker loads it."""
+    model = tmp_path / "m"
+    shutil.copytree(built_model, model)
+    s = Server(model, EXTENDSERVE_WORKERS="2")
+    try:
+        sha = json.loads(s.get("/info")[1])["model_sha256"]
+        from conftest import run_cli
+
+        run_cli("build", "-o", str(model))  # an ImageNet-only model replaces it
+        (model / "model.onnx").write_bytes(b"corrupt")
+        victim = s.workers()[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.time() + 90
+        while time.time() < deadline and (victim in s.workers() or len(s.workers()) < 2):
+            time.sleep(0.5)
+        time.sleep(3)
+        assert len(s.workers()) == 2 and victim not in s.workers()
+        answers = set()
+        for _ in range(24):
+            info = json.loads(s.get("/info")[1])
+            answers.add((info["model_sha256"], len(info["labels"])))
+        assert answers == {(sha, 1002)}
+        assert s.get("/readyz")[0] == 200
+        status, body = s.post("/classify", [("image", disc(), "d.jpg")])
+        assert status == 200 and body["predictions"][0]["label"] == "red discs"
+    finally:
+        s.stop()

@@ -287,7 +287,7 @@ def restore_weights(model: nn.Module, spec: BackboneSpec, path: str | os.PathLik
     if mode not in RESTORE_MODES:
         raise ExtendserveError(f"--restore must be one of {', '.join(RESTORE_MODES)}, not {mode!r}")
     p = Path(path)
-    raw = safe_load(p)
+    raw = safe_load(p, "checkpoint")
     for wrapper in ("state_dict", "model", "model_state_dict"):
         if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
             raw = raw[wrapper]
@@ -343,7 +343,7 @@ def imagenet_top1(backbone: LoadedBackbone, folder: str | os.PathLike[str]) -> t
     the entry's own preprocessing. Cached by weights digest: the answer cannot change."""
     import json
 
-    from .features import cache_root
+    from .config import cache_root
     from .imagenet import synset_index
     from .merge import InputAdapter
     from .preprocess import list_images, prepare_file
@@ -363,6 +363,9 @@ def imagenet_top1(backbone: LoadedBackbone, folder: str | os.PathLike[str]) -> t
         with torch.no_grad():
             pred = backbone.model(adapter(x)).argmax(1).numpy()
         right += int(sum(int(p) == synset_index(f.name.split("_")[0]) for p, f in zip(pred, chunk)))
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps({"right": right, "photos": len(files)}))
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps({"right": right, "photos": len(files)}))
+    except OSError:
+        pass  # a read-only cache: the figure is recomputed next time
     return right, len(files)

@@ -80,10 +80,15 @@ class Metric:
     sigma: float
 
     def distances(self, feats: np.ndarray) -> np.ndarray:
-        """[m, D] features -> [m, n] distances to each class mean."""
+        """[m, D] features -> [m, n] distances to each class mean.
+
+        Written as a sum of non-negative terms, |z - V p|^2 + sum_i (1 - w_i) p_i^2 with p = V^T z,
+        rather than |z|^2 - sum_i w_i p_i^2: the two are equal, but the difference of two large
+        sums cancels in float32 and moved the gate by 3e-3 logits between CPU kinds."""
         z = _unit(feats)[:, None, :] - self.means[None]
         proj = z @ self.basis
-        return ((z * z).sum(-1) - (proj * proj * self.weights).sum(-1)) / self.sigma
+        rest = z - proj @ self.basis.T
+        return ((rest * rest).sum(-1) + (proj * proj * (1 - self.weights)).sum(-1)) / self.sigma
 
 
 def fit_metric(feats: np.ndarray, labels: np.ndarray, n: int, shrinkage: float, rank: int) -> Metric:
@@ -222,7 +227,8 @@ class GatedScorer(nn.Module):
             return (unit @ self.prototypes.T - self.thresholds).amax(dim=1, keepdim=True)
         z = unit[:, None, :] - self.means[None]  # [B, n, D]
         proj = z @ self.basis
-        dist = ((z * z).sum(-1) - (proj * proj * self.basis_weights).sum(-1)) / self.sigma
+        rest = z - proj @ self.basis.T  # non-negative terms only: see Metric.distances
+        dist = ((rest * rest).sum(-1) + (proj * proj * (1 - self.basis_weights)).sum(-1)) / self.sigma
         return (1 - dist / self.thresholds).amax(dim=1, keepdim=True)
 
     def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:

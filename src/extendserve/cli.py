@@ -37,6 +37,11 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     check_gate_options(a)
     t0 = time.time()
     ds = scan_folder(a.data)
+    from .backbone import get_spec
+    from .names import check_class_names
+
+    check_class_names(ds.classes, f"{a.data} (class folder names)", taken=get_spec(a.backbone).labels,
+                      taken_by=f"backbone {a.backbone}")
     backbone = backbone_from_args(a)
     check_unfreeze_options(a, len(backbone.model._blocks))
     skipped = list(ds.skipped)
@@ -125,7 +130,7 @@ def absolute(path: str) -> str:
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from .export import build_model
+    from .export import build_model, output_dir
     from .head import load_head
 
     recorded = None
@@ -133,6 +138,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         recorded = settings_from_manifest(a)
     if a.output is None:
         a.output = DEFAULT_MODEL_DIR
+    output_dir(a.output)  # refused now, before any work, if it is not a folder a build may replace
     classes = a.classes or []
     if classes and len(classes) != len(a.new_head or []):
         raise ExtendserveError("give one --classes FILE per --new-head, in the same order (or none)")
@@ -155,8 +161,9 @@ def cmd_build(a: argparse.Namespace) -> int:
     print(f"built {a.output}: {len(manifest['labels'])} classes "
           f"(1000 ImageNet + {len(manifest['labels']) - 1000} new) in {time.time() - t0:.1f}s")
     print(f"verified on {v['inputs']} inputs: ImageNet logits max |onnx - original| = "
-          f"{v['imagenet_max_abs_diff']:.2e} (tolerance {v['tolerance']:.0e}), new logits "
-          f"{v['new_max_abs_diff']:.2e}")
+          f"{v['imagenet_max_abs_diff']:.2e} ({v['imagenet_max_rel_diff']:.1e} of the logits' size), new logits "
+          f"{v['new_max_abs_diff']:.2e} ({v['new_max_rel_diff']:.1e}; tolerance {v['tolerance']:.0e}); top-1 and "
+          f"new-class decisions identical")
     if recorded is not None:
         same = manifest["model_sha256"] == recorded.get("model_sha256")
         print(f"rebuilt from {a.from_manifest}: model.onnx is "
@@ -197,8 +204,17 @@ def demo_pixels(cfg: Any) -> list[Any]:
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
+    import stat
+
     from .runtime import Model
 
+    for path in a.images:  # before the model loads: a device is never read, a FIFO never waited on
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as e:
+            raise ExtendserveError(f"{path}: cannot read it ({e.strerror}); give photo files") from None
+        if not stat.S_ISREG(mode):
+            raise ExtendserveError(f"{path}: not a regular file (a folder, device, FIFO or socket); give photo files")
     model = Model(a.model, device=os.environ.get("EXTENDSERVE_DEVICE", "cpu"))
     results = model.predict_files(a.images, a.top_k)
     if a.json:
@@ -227,7 +243,9 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import build_demo
+    from .export import output_dir
 
+    output_dir(a.output)
     build_demo(a.output)
     print(f"built the demo model in {a.output}")
     return 0

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 GATES = ("mahalanobis", "cosine")  # the gated head's gates, default first (see calibrate)
+
+
+def cache_root() -> Path:
+    """Where derived files live (features, exported graphs, pinned served models)."""
+    env = os.environ.get("EXTENDSERVE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "extendserve"
 
 
 @dataclass(frozen=True)

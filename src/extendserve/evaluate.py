@@ -52,6 +52,9 @@ def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None
         out["new"] = {"photos": total, "accuracy": right / max(total, 1), "per_class": per,
                       "confusions": [{"true": t, "predicted": p, "count": c} for (t, p), c in confusions.most_common(10)]}
     if imagenet:
+        if not Path(imagenet).is_dir():
+            raise ExtendserveError(f"--imagenet {imagenet}: not a folder; give a folder of photos named "
+                                   "<synset>_<name>.JPEG, such as ../shared/data/imagenet-sample")
         files = [p for p in list_images(imagenet, recursive=False) if p.name.startswith("n") and "_" in p.name]
         if not files:
             raise ExtendserveError(f"--imagenet {imagenet}: no photos named <synset>_<name>.JPEG")

@@ -23,12 +23,15 @@ from torch import nn
 
 from . import __version__
 from .backbone import LoadedBackbone
-from .errors import BuildError
+from .errors import BuildError, ExtendserveError
 from .head import Head
 from .merge import MergedModel
+from .names import check_class_names
 
 OPSET = 17
-PARITY_TOL = 1e-4  # ImageNet logits, ONNX vs the original torch model
+# ONNX vs torch, relative to each photo's largest |logit| (at least 1): onnxruntime picks other
+# kernels on other CPU kinds, so an absolute bound on float32 logits is machine luck, not a check.
+PARITY_RTOL = 2e-4
 
 
 def export_onnx(module: nn.Module, size: int, output: str, metadata: dict[str, str] | None = None) -> bytes:
@@ -68,10 +71,26 @@ def verification_inputs(size: int, real: Sequence[np.ndarray] = (), seed: int = 
     return np.concatenate(parts)
 
 
+def _decisions_agree(got: np.ndarray, want: np.ndarray, split: int, tol: np.ndarray) -> tuple[float, float]:
+    """(top-1 agreement, new-class-wins agreement) over the rows where the reference is not a tie
+    within ``tol``: there float rounding, not the model, picks the winner."""
+    top2 = np.sort(want, axis=1)[:, -2:] if want.shape[1] > 1 else np.zeros((len(want), 2))
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * tol
+    top = float((got.argmax(1) == want.argmax(1))[clear].mean()) if clear.any() else 1.0
+    if want.shape[1] == split:
+        return top, 1.0
+    margin = want[:, split:].max(1) - want[:, :split].max(1)
+    clear = np.abs(margin) > 2 * tol
+    wins = (got[:, split:].max(1) > got[:, :split].max(1)) == (margin > 0)
+    return top, float(wins[clear].mean()) if clear.any() else 1.0
+
+
 def verify(
     onnx_bytes: bytes, merged: MergedModel, backbone: LoadedBackbone, inputs: np.ndarray
 ) -> dict[str, Any]:
-    """onnxruntime vs torch on the same pixels; the ImageNet columns vs the *original* model."""
+    """onnxruntime vs torch on the same pixels, compared relative to the logits' magnitude (kernels
+    differ in the last bits from one CPU kind to the next), plus the decisions a user sees: the
+    same top-1 and the same new-class-or-not answer wherever the reference is not a tie."""
     from .runtime import make_session
 
     sess = make_session(onnx_bytes, "cpu")
@@ -80,18 +99,26 @@ def verify(
     with torch.no_grad():
         want_all = merged(x).numpy()
         original = backbone.model(merged.features.adapter(x)).numpy()
-    imagenet_diff = float(np.abs(got[:, :1000] - original).max())
-    new_diff = float(np.abs(got[:, 1000:] - want_all[:, 1000:]).max()) if got.shape[1] > 1000 else 0.0
-    top_agree = float((got.argmax(1) == want_all.argmax(1)).mean())
-    ok = imagenet_diff <= PARITY_TOL and new_diff <= 1e-3 and got.shape == want_all.shape
+    split = original.shape[1]
+    scale = np.maximum(1.0, np.abs(want_all).max(1))  # per photo: the size of its logits
+    tol = PARITY_RTOL * scale
+    imagenet_rel = float((np.abs(got[:, :split] - original).max(1) / scale).max())
+    new_rel = float((np.abs(got[:, split:] - want_all[:, split:]).max(1) / scale).max()) if got.shape[1] > split else 0.0
+    top_agree, gate_agree = _decisions_agree(got, want_all, split, tol)
+    ok = (got.shape == want_all.shape and imagenet_rel <= PARITY_RTOL and new_rel <= PARITY_RTOL
+          and top_agree == 1.0 and gate_agree == 1.0)
     return {
         "passed": bool(ok),
         "inputs": int(len(inputs)),
-        "imagenet_max_abs_diff": imagenet_diff,
-        "new_max_abs_diff": new_diff,
+        "imagenet_max_abs_diff": float(np.abs(got[:, :split] - original).max()),
+        "new_max_abs_diff": float(np.abs(got[:, split:] - want_all[:, split:]).max()) if got.shape[1] > split else 0.0,
+        "imagenet_max_rel_diff": imagenet_rel,
+        "new_max_rel_diff": new_rel,
         "top1_agreement": top_agree,
-        "tolerance": PARITY_TOL,
-        "against": "original torch model (columns 0..999), merged torch module (new columns)",
+        "new_class_decision_agreement": gate_agree,
+        "tolerance": PARITY_RTOL,
+        "tolerance_kind": "relative to each photo's largest |logit| (at least 1)",
+        "against": "original torch model (base columns), merged torch module (new columns)",
     }
 
 
@@ -110,9 +137,11 @@ def build_model(
     t0 = time.time()
     spec = backbone.spec
     names = [c for h in heads for c in h.classes]
-    clash = sorted({c for c in names if names.count(c) > 1})
-    if clash:
-        raise BuildError(f"class names {clash} appear in more than one head; rename them in one head")
+    try:
+        check_class_names(names, "the new heads' classes, together", taken=spec.labels,
+                          taken_by=f"backbone {spec.name}")
+    except ExtendserveError as e:
+        raise BuildError(str(e)) from None
     head_names = [h.name for h in heads]
     if len(set(head_names)) != len(head_names) or "imagenet" in head_names:
         raise BuildError(f"head names must be unique and not 'imagenet' (got {head_names}); rename a head file")
@@ -160,12 +189,48 @@ def build_model(
     return manifest
 
 
-def publish(out_dir: str | os.PathLike[str], files: dict[str, bytes]) -> None:
-    """Write ``files`` into a fresh directory and swap it in for ``out_dir`` in one step."""
-    final = Path(out_dir).absolute()
+MODEL_FILES = ("model.onnx", "manifest.json")
+
+
+def output_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Where a build may write: ``out_dir`` (a symlink followed to its target) when it is absent,
+    empty, or an extendserve model directory holding nothing else. Anything else is refused with
+    the fix, before any work is done and without touching it: a build replaces the whole folder."""
+    given = Path(out_dir)
+    final = Path(os.path.realpath(given))  # follows every link, as the user meant the folder it names
+    if not final.exists():
+        if final.parent.exists() and not final.parent.is_dir():
+            raise BuildError(f"-o {given}: {final.parent} is not a folder")
+        return final
+    if not final.is_dir():
+        raise BuildError(f"-o {given}: {final} is a file, not a model folder; choose another -o")
+    entries = sorted(p.name for p in final.iterdir())
+    if not entries:
+        return final
+    if "manifest.json" not in entries or not _is_model_manifest(final / "manifest.json"):
+        shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+        raise BuildError(f"-o {given}: {final} is not empty and not an extendserve model folder (it holds {shown}); "
+                         "a build replaces the whole folder, so it writes only into a new or empty folder or an "
+                         f"existing model. Give a new folder, for example -o {given / 'my-model'}")
+    others = [e for e in entries if e not in MODEL_FILES]
+    if others:
+        raise BuildError(f"-o {given}: the model folder {final} also holds {', '.join(others[:5])}, which a build "
+                         "would delete; move them out of it, or choose another -o")
+    return final
+
+
+def _is_model_manifest(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text("utf-8")).get("format") == "extendserve-model"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def publish(out_dir: str | os.PathLike[str], files: dict[str, bytes]) -> Path:
+    """Write ``files`` into a fresh directory and swap it in for ``out_dir`` in one step;
+    returns the folder written (a symlinked ``out_dir`` stays a link, to the new model)."""
+    final = output_dir(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
-    if final.exists() and not final.is_dir():
-        raise BuildError(f"{final} exists and is not a directory; choose another -o")
     _remove_stale(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-{os.getpid()}-", dir=final.parent))
     try:
@@ -181,6 +246,7 @@ def publish(out_dir: str | os.PathLike[str], files: dict[str, bytes]) -> None:
             os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def _remove_stale(final: Path) -> None:

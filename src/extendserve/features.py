@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,20 +18,14 @@ import numpy as np
 from PIL import Image
 
 from .backbone import LoadedBackbone
-from .config import PreprocessConfig
+from .config import PreprocessConfig, cache_root
 from .errors import BadImageError, ExtendserveError
-from .preprocess import IMAGE_EXTS, center_crop, decode, is_hidden, resize_shorter
+from .preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_regular_file, resize_shorter
 
-MAX_FILE_BYTES = int(os.environ.get("EXTENDSERVE_MAX_FILE_BYTES", 50 * 1024 * 1024))
 # View 0 is exactly what the served model sees; the rest are the training augmentation.
 VIEWS = ("center", "center-flip", "tl", "tr", "bl", "br", "tl-flip", "tr-flip", "bl-flip", "br-flip",
          "full", "full-flip")
-VIEWS_VERSION = 2  # 2: large JPEGs decoded with draft (see preprocess.decode)
-
-
-def cache_root() -> Path:
-    env = os.environ.get("EXTENDSERVE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "extendserve"
+VIEWS_VERSION = 3  # 2: large JPEGs decoded with draft; 3: large photos of any format box-reduced first
 
 
 def progress(label: str, done: int, total: int, extra: str = "") -> None:
@@ -58,7 +53,18 @@ def scan_folder(root: str | os.PathLike[str]) -> Dataset:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
         raise ExtendserveError(f"{root}: no class folders; put each class's photos in root/<class name>/")
+    seen: dict[Path, str] = {}
+    for c in classes:  # a class folder linked to another would be the same photos under two names
+        real = (root / c).resolve()
+        if real in seen:
+            raise ExtendserveError(f"{root}: class folders {seen[real]!r} and {c!r} are the same folder ({real}); "
+                                   "remove the link, or give the class its own photos")
+        seen[real] = c
     ds = Dataset(classes, [], [])
+    for p in sorted(root.iterdir()):
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."):
+            ds.skipped.append((str(p), "a photo beside the class folders belongs to no class; move it into "
+                                       "the folder of its class"))
     for ci, c in enumerate(classes):
         for p in sorted((root / c).rglob("*")):
             if is_hidden(p, root):
@@ -101,31 +107,121 @@ def photo_views(data: bytes, source: str, cfg: PreprocessConfig) -> np.ndarray:
     return views(decode(data, source, cfg.resize), cfg)
 
 
+class FeatureCache:
+    """One ``.npz`` per photo and backbone weights, holding its features and what they are for.
+
+    Entries are checked on every read: the right key (photo content, weights, views), shape,
+    finite values and the digest of the values themselves. A bad entry is recomputed and
+    replaced with one warning; a cache that cannot be written is used read-only, with one warning.
+    """
+
+    def __init__(self, directory: Path, key_prefix: str, shape: tuple[int, int]):
+        self.dir = directory
+        self.prefix = key_prefix
+        self.shape = shape
+        self.writable = True
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self._read_only(e)
+
+    def _read_only(self, e: OSError) -> None:
+        if self.writable:
+            warn(f"feature cache {self.dir} cannot be written ({e.strerror or e}); using it read-only, "
+                 "features not in it are computed every run (set EXTENDSERVE_CACHE to a writable folder)")
+        self.writable = False
+
+    def key(self, data: bytes) -> str:
+        return hashlib.sha256(self.prefix.encode() + hashlib.sha256(data).digest()).hexdigest()
+
+    def get(self, key: str) -> np.ndarray | None:
+        path = self.dir / f"{key}.npz"
+        if not path.is_file():
+            return None
+        why = None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                feats, stored_key, digest = z["features"], str(z["key"]), str(z["digest"])
+            if stored_key != key:
+                why = "it belongs to another photo or backbone"
+            elif feats.shape != self.shape or feats.dtype != np.float32:
+                why = f"shape {feats.shape} {feats.dtype}, expected {self.shape} float32"
+            elif not np.isfinite(feats).all():
+                why = "it holds NaN or infinite values"
+            elif hashlib.sha256(feats.tobytes()).hexdigest() != digest:
+                why = "its values do not match their digest"
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            why = f"unreadable ({str(e)[:80]})"
+        if why is None:
+            return feats
+        warn(f"feature cache entry {path.name} is bad ({why}); recomputing and replacing it")
+        return None
+
+    def put(self, key: str, feats: np.ndarray) -> None:
+        if not self.writable:
+            return
+        path = self.dir / f"{key}.npz"
+        tmp = self.dir / f".{key}.tmp-{os.getpid()}.npz"
+        try:
+            np.savez(tmp, features=feats, key=np.array(key), digest=np.array(hashlib.sha256(feats.tobytes()).hexdigest()))
+            os.replace(tmp, path)
+        except OSError as e:
+            _discard(tmp)
+            self._read_only(e)
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def warn(msg: str) -> None:
+    sys.stderr.write(f"warning: {msg}\n")
+    sys.stderr.flush()
+
+
 class FeatureExtractor:
     """Cached features of the VIEWS of each photo, for one backbone's exact weights."""
 
     def __init__(self, backbone: LoadedBackbone, cache: Path | None = None):
         self.backbone = backbone
         key = f"{backbone.spec.name}-{backbone.digest[:16]}"
-        self.dir = (cache or cache_root()) / "features" / key / f"views-v{VIEWS_VERSION}"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        base = (cache or cache_root()) / "features" / key
+        self.cache = FeatureCache(base / f"views-v{VIEWS_VERSION}", f"{key}/{backbone.digest}/{VIEWS_VERSION}",
+                                  (len(VIEWS), backbone.spec.feature_dim))
         self._session = None
-        self.graph_path = (cache or cache_root()) / "features" / key / "features.onnx"
+        self.graph_path = base / "features.onnx"
 
     def session(self):  # type: ignore[no-untyped-def]
         if self._session is None:
             from .runtime import make_session
 
-            if not self.graph_path.is_file():
-                from .export import export_onnx
-                from .merge import FeatureModel
+            if self.graph_path.is_file():
+                try:
+                    self._session = make_session(self.graph_path, "cpu")
+                except ExtendserveError as e:
+                    warn(f"cached feature graph {self.graph_path} does not load ({str(e)[-120:]}); exporting it again")
+            if self._session is None:
+                self._session = make_session(self._export(), "cpu")
+        return self._session
 
-                data = export_onnx(FeatureModel(self.backbone), self.backbone.spec.input_size, "features")
-                tmp = self.graph_path.with_suffix(f".tmp-{os.getpid()}")
+    def _export(self) -> bytes:
+        """The feature graph, exported and (where the cache is writable) saved for the next run."""
+        from .export import export_onnx
+        from .merge import FeatureModel
+
+        data = export_onnx(FeatureModel(self.backbone), self.backbone.spec.input_size, "features")
+        if self.cache.writable:
+            tmp = self.graph_path.with_suffix(f".tmp-{os.getpid()}")
+            try:
                 tmp.write_bytes(data)
                 os.replace(tmp, self.graph_path)
-            self._session = make_session(self.graph_path, "cpu")
-        return self._session
+            except OSError as e:
+                _discard(tmp)
+                self.cache._read_only(e)
+        return data
 
     def run(self, pixels: np.ndarray, batch: int = 48) -> np.ndarray:
         sess = self.session()
@@ -138,17 +234,15 @@ class FeatureExtractor:
     ) -> tuple[np.ndarray, list[int], int]:
         """Features [n_ok, len(VIEWS), D] of the readable files, their positions, and cache hits."""
         hits = 0
-        pending: list[tuple[int, Path, np.ndarray]] = []
+        pending: list[tuple[int, str, np.ndarray]] = []
 
         def flush() -> None:
             if not pending:
                 return
             out = self.run(np.concatenate([v for _, _, v in pending]))
-            for j, (i, cpath, _) in enumerate(pending):
-                f = out[j * len(VIEWS) : (j + 1) * len(VIEWS)].astype(np.float32)
-                tmp = cpath.with_suffix(f".tmp-{os.getpid()}.npy")
-                np.save(tmp, f)
-                os.replace(tmp, cpath)
+            for j, (i, key, _) in enumerate(pending):
+                f = np.ascontiguousarray(out[j * len(VIEWS) : (j + 1) * len(VIEWS)], dtype=np.float32)
+                self.cache.put(key, f)
                 results[i] = f
             pending.clear()
 
@@ -156,27 +250,25 @@ class FeatureExtractor:
         cfg = self.backbone.spec.preprocess
         for i, path in enumerate(files):
             try:
-                data = path.read_bytes()
-            except OSError as e:
+                data = read_regular_file(path)
+            except BadImageError as e:
                 if on_skip:
-                    on_skip(str(path), f"cannot read ({e.strerror})")
+                    on_skip(str(path), str(e).split(": ", 1)[-1])
                 continue
-            cpath = self.dir / f"{hashlib.sha256(data).hexdigest()}.npy"
-            if cpath.is_file():
-                try:
-                    results[i] = np.load(cpath)
-                    hits += 1
-                    progress("features", i + 1, len(files), f"({hits} cached)")
-                    continue
-                except (OSError, ValueError):
-                    cpath.unlink(missing_ok=True)
+            key = self.cache.key(data)
+            cached = self.cache.get(key)
+            if cached is not None:
+                results[i] = cached
+                hits += 1
+                progress("features", i + 1, len(files), f"({hits} cached)")
+                continue
             try:
                 v = photo_views(data, str(path), cfg)
             except BadImageError as e:
                 if on_skip:
                     on_skip(str(path), str(e).split(": ", 1)[-1])
                 continue
-            pending.append((i, cpath, v))
+            pending.append((i, key, v))
             if len(pending) >= 4:
                 flush()
             progress("features", i + 1, len(files), f"({hits} cached)")

@@ -7,6 +7,7 @@ any pickled object that is not a tensor or plain container, so no code in it can
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import zipfile
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import HeadFileError
+from .errors import BadImageError, ExtendserveError, HeadFileError
+from .names import check_class_names
+from .preprocess import read_regular_file
 
 FORMAT = "extendserve-head"
 VERSION = 1
@@ -132,24 +135,59 @@ class LinearScorer(nn.Module):
 # --------------------------------------------------------------------------- reading
 
 
-def safe_load(path: Path) -> Any:
+MAX_HEAD_BYTES = 2 * 1024**3
+
+
+def safe_load(path: Path, what: str = "head file") -> Any:
+    """``torch.load(weights_only=True)`` of a regular file that looks like a PyTorch file; every
+    failure is a :class:`HeadFileError` saying what the file is and what to give instead."""
+    p = Path(path)
+    if not p.exists():
+        raise HeadFileError(f"{path}: no such file")
+    if p.is_dir():
+        raise HeadFileError(f"{path}: is a directory, expected a {what} (.pt)")
+    if not p.is_file():
+        raise HeadFileError(f"{path}: not a regular file (a device, FIFO or socket); give a {what} (.pt)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise HeadFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise HeadFileError(f"{path}: is a directory, expected a head file (.pt)") from None
-    except pickle.UnpicklingError as e:
+        with open(p, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise HeadFileError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+    if not magic:
+        raise HeadFileError(f"{path}: the file is empty (0 bytes); give a {what} written by torch.save "
+                            "(extendserve train-head writes one)")
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch's zip format, or a legacy pickle
+        kind = _sniff(magic)
+        raise HeadFileError(f"{path}: not a PyTorch file{' (it looks like ' + kind + ')' if kind else ''}; give a "
+                            f"{what} written by torch.save (extendserve train-head writes one)")
+    try:
+        data = read_regular_file(path, MAX_HEAD_BYTES, what)
+    except BadImageError as e:
+        raise HeadFileError(str(e)) from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         raise HeadFileError(
             f"{path}: refused: the file holds pickled Python objects other than tensors and plain "
-            f"data, which could run code when loaded ({str(e).splitlines()[0][:200]}). Re-save "
-            "the head as a state dict of tensors (torch.save(model.state_dict(), ...))"
+            "data, which could run code when loaded; it is not loaded. Re-save it as tensors only "
+            "(torch.save(model.state_dict(), ...)) where it was made"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, IndexError,
+            KeyError, TypeError) as e:
         raise HeadFileError(
             f"{path}: not a readable PyTorch file, it is corrupt or truncated "
-            f"({str(e).splitlines()[0][:200]})"
+            f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
         ) from None
+
+
+def _sniff(magic: bytes) -> str:
+    for sig, kind in ((b"\xff\xd8", "a JPEG photo"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
+                      (b"%PDF", "a PDF")):
+        if magic.startswith(sig):
+            return kind
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in magic):
+        return "text"
+    return ""
 
 
 def _find_linear(state: dict[str, Any], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +209,8 @@ def _find_linear(state: dict[str, Any], path: Path) -> tuple[torch.Tensor, torch
 
 def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
     try:
-        lines = Path(path).read_text("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        lines = read_regular_file(path, 64 * 1024**2, "class list").decode("utf-8").splitlines()
+    except (BadImageError, UnicodeDecodeError) as e:
         raise HeadFileError(f"{path}: cannot read the class list ({e})") from None
     return [ln.strip() for ln in lines if ln.strip()]
 
@@ -239,8 +277,9 @@ def _validate(head: Head, path: Path) -> None:
             f"{path}: {len(head.classes)} class names for {w.shape[0]} weight rows; "
             "give one name per row"
         )
-    dupes = sorted({c for c in head.classes if head.classes.count(c) > 1})
-    if dupes:
-        raise HeadFileError(f"{path}: duplicate class names {dupes}; class names must be unique")
+    try:
+        check_class_names(head.classes, str(path))
+    except ExtendserveError as e:
+        raise HeadFileError(str(e)) from None
     if not torch.isfinite(w).all() or not torch.isfinite(b).all():
         raise HeadFileError(f"{path}: the weights contain NaN or infinity; retrain the head")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .errors import BadImageError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
 MAX_PIXELS = int(os.environ.get("EXTENDSERVE_MAX_PIXELS", 64_000_000))
+MAX_FILE_BYTES = int(os.environ.get("EXTENDSERVE_MAX_FILE_BYTES", 50 * 1024 * 1024))
+_WIDE = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # more than 8 bits a sample
 _NEUTRAL = (124, 116, 104)  # roughly the ImageNet mean: transparent areas look like "nothing"
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
@@ -52,6 +55,13 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
                 k = min_side / min(w, h)
                 im.draft("RGB", (max(min_side, math.ceil(w * k)), max(min_side, math.ceil(h * k))))
             im.load()
+            # Shrink by a whole factor before any conversion, so no full-size copy is ever made in
+            # a wider type (a 7900x7900 16-bit PNG once cost 2.1 GB as float64).
+            factor = max(1, min(im.size) // (2 * min_side)) if min_side else 1
+            if im.mode in _WIDE:
+                im = _wide_to_l(im, factor)
+            elif factor > 1:
+                im = im.reduce(factor) if im.mode not in ("P", "1") else im.convert("RGBA").reduce(factor)
             im = ImageOps.exif_transpose(im) or im
             return _to_rgb(im)
     except BadImageError:
@@ -70,14 +80,28 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
         raise BadImageError(f"{source}: the image is too large to decode") from None
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") else max(float(a.max()), 1.0)
+def _wide_to_l(im: Image.Image, factor: int) -> Image.Image:
+    """16-bit, 32-bit and float greyscale -> 8-bit, scaled (not clipped) and box-reduced by
+    ``factor``, a band of rows at a time: memory beyond the decoded photo stays a few rows."""
+    w, h = im.size
+    ow, oh = max(1, w // factor), max(1, h // factor)
+    if im.mode.startswith("I;16"):
+        hi = 65535.0
+    else:
+        lo_hi = im.getextrema()
+        hi = max(float(lo_hi[1]), 1.0)  # type: ignore[index, arg-type]
         if im.mode == "I" and hi <= 255:
             hi = 255.0
-        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
+    out = np.empty((oh, ow), np.uint8)
+    rows = max(1, (1 << 20) // max(w, 1) // factor) * factor  # about a megapixel a band
+    for top in range(0, oh * factor, rows):
+        band = np.asarray(im.crop((0, top, ow * factor, min(top + rows, oh * factor))), dtype=np.float32)
+        band = band.reshape(band.shape[0] // factor, factor, ow, factor).mean(axis=(1, 3))
+        out[top // factor : top // factor + len(band)] = np.clip(band / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -125,12 +149,31 @@ def list_images(folder: str | os.PathLike[str], recursive: bool = True) -> list[
     return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not is_hidden(p, root))
 
 
-def load_image(path: str | os.PathLike[str], min_side: int | None = None) -> Image.Image:
+def read_regular_file(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES, what: str = "photo") -> bytes:
+    """A regular file's bytes, its size checked before reading: a device (/dev/zero) or a FIFO is
+    refused rather than read without end or waited on."""
     try:
-        data = Path(path).read_bytes()
+        st = os.stat(path)
     except OSError as e:
-        raise BadImageError(f"{path}: cannot read the file ({e.strerror})") from None
-    return decode(data, str(path), min_side)
+        raise BadImageError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+        raise BadImageError(f"{path}: {kind}; give a {what} file")
+    if st.st_size > limit:
+        raise BadImageError(f"{path}: {st.st_size / 2**20:.0f} MB is over the {limit / 2**20:.0f} MB limit "
+                            "(EXTENDSERVE_MAX_FILE_BYTES)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise BadImageError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if len(data) > limit:  # it grew after the check
+        raise BadImageError(f"{path}: over the {limit / 2**20:.0f} MB limit (EXTENDSERVE_MAX_FILE_BYTES)")
+    return data
+
+
+def load_image(path: str | os.PathLike[str], min_side: int | None = None) -> Image.Image:
+    return decode(read_regular_file(path), str(path), min_side)
 
 
 def prepare_file(path: str | os.PathLike[str], cfg: PreprocessConfig) -> np.ndarray:
