@@ -102,3 +102,23 @@ def header_only_jpeg() -> bytes:
     """A JPEG cut just before its scan data: every header, no pixels."""
     data = jpeg_bytes(synthetic_photo(0, 7))
     return data[: data.index(b"\xff\xda")]
+
+
+def torch_reference(heads: list, pixels: np.ndarray, backbone: str = "efficientnet_lite0") -> np.ndarray:
+    """The merged model's logits computed in torch alone: the original model's logits, then each
+    head's scorer on its features (what the merged ONNX graph must reproduce)."""
+    import torch
+
+    from extendserve.backbone import InputAdapter, load_backbone
+    from extendserve.scoring import scorer
+
+    bb = load_backbone(backbone)
+    with torch.no_grad():
+        feats = bb.model.forward_features(InputAdapter(bb.spec.preprocess)(torch.from_numpy(pixels)))
+        old = bb.model.forward_head(feats)
+        return torch.cat([old] + [scorer(h)(feats, old) for h in heads], 1).numpy()
+
+
+def relative_diff(got: np.ndarray, want: np.ndarray) -> float:
+    """Largest |got - want| per photo, over that photo's largest |logit| (at least 1)."""
+    return float((np.abs(got - want).max(1) / np.maximum(1.0, np.abs(want).max(1))).max())

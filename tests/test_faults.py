@@ -108,12 +108,12 @@ def test_feature_cache_entries_are_checked(synthetic_data, tmp_path):
     np.savez(nan, **(good | {"features": np.full_like(good["features"], np.nan)}))
     np.savez(huge, **(good | {"features": np.full_like(good["features"], 1e30)}))
     junk.write_bytes(b"not an npz")
-    graph = next(cache.glob("features/*/features.onnx"))
+    graph = next(cache.glob("bases/*.onnx"))
     graph.write_bytes(b"corrupt onnx")
     again = _train(synthetic_data, tmp_path / "b.pt", env)
     assert again.stderr.count("feature cache entry") == 4, again.stderr
     assert "recomputing and replacing it" in again.stderr and "Traceback" not in again.stderr
-    assert "does not load" in again.stderr  # the corrupt graph was exported again
+    assert "cached base graph" in again.stderr and "does not load" in again.stderr  # exported again
     assert _held_out(again) == _held_out(first)  # the poisoned entries did not train the head
     third = _train(synthetic_data, tmp_path / "c.pt", env)
     assert "feature cache entry" not in third.stderr and "(12/12 cached)" in third.stdout

@@ -158,6 +158,20 @@ class EfficientNetLite(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class InputAdapter(nn.Module):
+    """uint8 NHWC pixels -> normalised float NCHW, as the backbone was trained (the torch twin of
+    the normalisation :mod:`base` puts in front of every base graph)."""
+
+    def __init__(self, cfg: PreprocessConfig):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", 1.0 / torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+        return (x - self.mean) * self.inv_std
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -282,7 +296,7 @@ def restore_weights(model: nn.Module, spec: BackboneSpec, path: str | os.PathLik
     restored, excluded, kept (classifier), missing from the checkpoint (left as they were),
     shape mismatches (skipped), unused checkpoint entries. Restoring nothing is an error.
     """
-    from .head import safe_load
+    from .checkpoint import safe_load
 
     if mode not in RESTORE_MODES:
         raise ExtendserveError(f"--restore must be one of {', '.join(RESTORE_MODES)}, not {mode!r}")
@@ -345,7 +359,6 @@ def imagenet_top1(backbone: LoadedBackbone, folder: str | os.PathLike[str]) -> t
 
     from .config import cache_root
     from .imagenet import synset_index
-    from .merge import InputAdapter
     from .preprocess import list_images, prepare_file
 
     files = [f for f in list_images(folder) if f.name.startswith("n") and "_" in f.name]

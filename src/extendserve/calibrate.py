@@ -1,4 +1,4 @@
-"""Calibrated placement of new classes beside the original 1000 logits.
+"""Calibrated placement of new classes beside the base's own logits.
 
 A head trained on its own lives on another logit scale, and one trained inside the joint softmax
 wins on about half of all ImageNet photos: neither knows where the new classes' photos *are* in
@@ -19,7 +19,7 @@ threshold (cosine: sim - t; mahalanobis: 1 - d / t, the share of the threshold d
     new_logit_j = M + scale * g + (r_j - max r)
 
 so the best new class beats every ImageNet class exactly when the gate passes, its softmax score
-grows smoothly with the margin, and the 1000 original logits are untouched.
+grows smoothly with the margin, and the base's own logits are untouched.
 
 Why Mahalanobis by default (``python bench/calibration_splits.py --splits 60 --first-seed 100``,
 4-per-person random splits, none of them the README's fixed split; chosen on seeds 100-129, then
@@ -32,13 +32,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 import torch
-from torch import nn
 
-from .backbone import LoadedBackbone
+from .base import Base
 from .config import GATES
-from .errors import ExtendserveError, HeadFileError
+from .errors import ExtendserveError
+from .fit import fit_softmax
 from .head import Head
 
 
@@ -147,16 +149,14 @@ def choose_threshold(pos: np.ndarray, quantile: float, neg: np.ndarray | None) -
 
 
 def fit_gated(
-    backbone: LoadedBackbone,
+    base: Base,
     feats: np.ndarray,
     labels: np.ndarray,
     classes: list[str],
-    s,  # TrainSettings (not imported: train imports this module)
+    s: Any,  # train.TrainSettings
     label: str = "training",
     negatives: np.ndarray | None = None,
 ) -> Head:
-    from .train import fit_softmax
-
     n = len(classes)
     w, b = fit_softmax(feats, labels, n, s, label)
     neg = None
@@ -184,54 +184,11 @@ def fit_gated(
         classes=list(classes),
         weight=w,
         bias=b,
-        backbone=backbone.spec.name,
-        backbone_digest=backbone.digest,
+        backbone=base.name,
+        backbone_digest=base.digest,
         method="gated",
         extras=extras,
         settings=s.to_dict() | {"gate_threshold": t if s.gate == "cosine" else -t,  # a similarity or a distance
                                 "positives_out_of_sample_accept": float((pos > t).mean()),
                                 "negatives_accept": None if neg is None else float((neg > t).mean())},
     )
-
-
-class GatedScorer(nn.Module):
-    """The in-graph half of :func:`fit_gated`; see the module docstring for the formula. Which gate
-    a head carries is read from its tensors (heads from before the Mahalanobis gate stay cosine)."""
-
-    def __init__(self, head: Head):
-        super().__init__()
-        ex = head.extras
-        n, d = head.weight.shape
-        self.mahalanobis = "basis" in ex
-        r = ex["basis"].shape[-1] if self.mahalanobis else 0
-        shapes = ({"means": (n, d), "basis": (d, r), "basis_weights": (r,), "sigma": (1,)} if self.mahalanobis
-                  else {"prototypes": (n, d)}) | {"thresholds": (n,), "scale": (1,)}
-        for key, shape in shapes.items():
-            if key not in ex or tuple(ex[key].shape) != shape:
-                raise HeadFileError(
-                    f"{head.source or head.name}: gated head lacks a valid {key!r} {shape}; retrain it"
-                )
-        if self.mahalanobis and not (float(ex["sigma"]) > 0 and bool((ex["thresholds"] > 0).all())):
-            raise HeadFileError(f"{head.source or head.name}: gated head has a non-positive sigma or threshold; retrain it")
-        self.ranker = nn.Linear(d, n)
-        with torch.no_grad():
-            self.ranker.weight.copy_(head.weight)
-            self.ranker.bias.copy_(head.bias)
-        for key in shapes:
-            self.register_buffer(key, ex[key].float())
-
-    def gate(self, feats: torch.Tensor) -> torch.Tensor:
-        """[B, D] -> [B, 1]: the best class's margin past its threshold (> 0: the gate passes)."""
-        unit = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        if not self.mahalanobis:
-            return (unit @ self.prototypes.T - self.thresholds).amax(dim=1, keepdim=True)
-        z = unit[:, None, :] - self.means[None]  # [B, n, D]
-        proj = z @ self.basis
-        rest = z - proj @ self.basis.T  # non-negative terms only: see Metric.distances
-        dist = ((rest * rest).sum(-1) + (proj * proj * (1 - self.basis_weights)).sum(-1)) / self.sigma
-        return (1 - dist / self.thresholds).amax(dim=1, keepdim=True)
-
-    def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
-        r = self.ranker(feats)
-        top = old_logits.amax(dim=1, keepdim=True)
-        return top + self.scale * self.gate(feats) + (r - r.amax(dim=1, keepdim=True))

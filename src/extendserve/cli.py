@@ -37,15 +37,18 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     check_gate_options(a)
     t0 = time.time()
     ds = scan_folder(a.data)
-    from .backbone import get_spec
     from .names import check_class_names
 
-    check_class_names(ds.classes, f"{a.data} (class folder names)", taken=get_spec(a.backbone).labels,
-                      taken_by=f"backbone {a.backbone}")
-    backbone = backbone_from_args(a)
-    check_unfreeze_options(a, len(backbone.model._blocks))
+    if not a.base:  # the built-in labels are known before any weights load
+        from .backbone import get_spec
+
+        check_class_names(ds.classes, f"{a.data} (class folder names)", taken=get_spec(a.backbone).labels,
+                          taken_by=f"backbone {a.backbone}")
+    base = base_from_args(a)
+    check_class_names(ds.classes, f"{a.data} (class folder names)", taken=base.labels, taken_by=f"base {base.name}")
+    check_unfreeze_options(a, len(base.backbone._blocks) if base.backbone is not None else 0)
     skipped = list(ds.skipped)
-    fx = FeatureExtractor(backbone)
+    fx = FeatureExtractor(base)
     feats, ok, hits = fx.extract(ds.files, on_skip=lambda p, why: skipped.append((p, why)))
     t_feat = time.time() - t0
     for p, why in skipped:
@@ -64,13 +67,14 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     if a.unfreeze_top:
         from .finetune import train_unfrozen
 
-        head, report = train_unfrozen(backbone, [ds.files[i] for i in ok], feats, labels, ds.classes, settings,
+        head, report = train_unfrozen(base, [ds.files[i] for i in ok], feats, labels, ds.classes, settings,
                                       a.unfreeze_top, a.freeze or ())
     else:
-        head, report = train_head(backbone, feats, labels, ds.classes, settings, negatives=neg)
+        head, report = train_head(base, feats, labels, ds.classes, settings, negatives=neg)
     head.name = a.name or out.stem
     head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
-                          "negatives": None if neg is None else int(len(neg)), **weights_settings(a)})
+                          "negatives": None if neg is None else int(len(neg)), **weights_settings(a),
+                          "base_model": base.describe() | {"preprocess": base.preprocess.to_dict()}})
     head.save(out)
     print(f"classes ({len(ds.classes)}), photos used per class:")
     for c, n in report.counts.items():
@@ -78,11 +82,11 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     if report.heldout:
         h = report.heldout
         print(f"held-out accuracy: {h['accuracy']:.3f} on {h['photos']} photos "
-              f"(top-1 among all {1000 + len(ds.classes)} classes; seed {a.seed})")
+              f"(top-1 among all {len(base.labels) + len(ds.classes)} classes; seed {a.seed})")
     else:
         print("held-out accuracy: not measured (needs at least 5 photos in every class)")
     print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
-    print(f"wrote {out} (head {head.name!r}, method {head.method}, backbone {head.backbone})")
+    print(f"wrote {out} (head {head.name!r}, method {head.method}, base {head.backbone})")
     return 0
 
 
@@ -96,6 +100,9 @@ def check_gate_options(a: argparse.Namespace) -> None:
 
 def check_unfreeze_options(a: argparse.Namespace, blocks: int) -> None:
     """Before any photo is read: the --unfreeze-top / --freeze combination makes sense."""
+    if a.unfreeze_top and not blocks:
+        raise ExtendserveError("--unfreeze-top fine-tunes a built-in backbone's top blocks; drop --base, or "
+                               "drop --unfreeze-top")
     if not 0 <= a.unfreeze_top <= blocks:
         raise ExtendserveError(f"--unfreeze-top must be between 0 and {blocks} for {a.backbone}, not {a.unfreeze_top}")
     if a.freeze and not a.unfreeze_top:
@@ -108,20 +115,24 @@ def check_unfreeze_options(a: argparse.Namespace, blocks: int) -> None:
 # --------------------------------------------------------------------------- build
 
 
-def backbone_from_args(a: argparse.Namespace) -> Any:
-    """The backbone, with ``--weights`` restored over the registry's when given (report printed)."""
-    from .backbone import load_backbone, restore_summary
+def base_from_args(a: argparse.Namespace) -> Any:
+    """The base the options name: ``--base FILE.onnx``, or ``--backbone`` with ``--weights``
+    restored over the registry's when given (report printed)."""
+    from .backbone import restore_summary
+    from .base import resolve_base
 
     if not a.weights and (a.exclude or a.restore != "all"):
         raise ExtendserveError("--restore and --exclude apply to --weights CKPT; give the checkpoint too")
-    backbone = load_backbone(a.backbone, a.weights, a.restore, a.exclude or ())
-    if backbone.restore_report:
-        err(restore_summary(backbone.restore_report))
-    return backbone
+    base = resolve_base(a.backbone, a.weights, a.restore, a.exclude or (), a.base, a.preprocess, a.labels)
+    if base.restore_report:
+        err(restore_summary(base.restore_report))
+    return base
 
 
 def weights_settings(a: argparse.Namespace) -> dict[str, Any]:
-    return {"weights": absolute(a.weights) if a.weights else None, "restore": a.restore, "exclude": a.exclude or []}
+    return {"weights": absolute(a.weights) if a.weights else None, "restore": a.restore, "exclude": a.exclude or [],
+            "base": absolute(a.base) if a.base else None, "preprocess": absolute(a.preprocess) if a.preprocess else None,
+            "labels": absolute(a.labels) if a.labels else None}
 
 
 def absolute(path: str) -> str:
@@ -143,27 +154,29 @@ def cmd_build(a: argparse.Namespace) -> int:
     if classes and len(classes) != len(a.new_head or []):
         raise ExtendserveError("give one --classes FILE per --new-head, in the same order (or none)")
     t0 = time.time()
-    backbone = backbone_from_args(a)
+    base = base_from_args(a)
     heads = []
     for i, path in enumerate(a.new_head or []):
-        h = load_head(path, classes[i] if classes else None, backbone=a.backbone)
-        h.check_fits(backbone.spec.name, backbone.spec.feature_dim, backbone.digest, force=a.force)
+        h = load_head(path, classes[i] if classes else None, backbone=base.name)
+        h.check_fits(base.name, base.feature_dim, base.digest, force=a.force)
         if recorded is not None and h.digest() != recorded["heads"][i + 1]["digest"]:
             raise ExtendserveError(f"{path} changed since {a.from_manifest} was built (its digest differs); "
                                    "restore that head file, or build afresh with --new-head")
         heads.append(h)
-    real = demo_pixels(backbone.spec.preprocess)
-    manifest = build_model(backbone, heads, a.output, real_inputs=real,
+    real = demo_pixels(base.preprocess)
+    manifest = build_model(base, heads, a.output, real_inputs=real,
                            settings={"backbone": a.backbone, "new_head": [absolute(p) for p in a.new_head or []],
                                      "classes": [absolute(p) for p in classes], "force": a.force,
                                      **weights_settings(a)})
     v = manifest["verification"]
+    k = len(base.labels)
     print(f"built {a.output}: {len(manifest['labels'])} classes "
-          f"(1000 ImageNet + {len(manifest['labels']) - 1000} new) in {time.time() - t0:.1f}s")
-    print(f"verified on {v['inputs']} inputs: ImageNet logits max |onnx - original| = "
-          f"{v['imagenet_max_abs_diff']:.2e} ({v['imagenet_max_rel_diff']:.1e} of the logits' size), new logits "
-          f"{v['new_max_abs_diff']:.2e} ({v['new_max_rel_diff']:.1e}; tolerance {v['tolerance']:.0e}); top-1 and "
-          f"new-class decisions identical")
+          f"({k} of base {base.name} + {len(manifest['labels']) - k} new) in {time.time() - t0:.1f}s")
+    same = "identical" if v["base_identical"] else f"max |diff| {v['base_max_abs_diff']:.1e}"
+    torch_line = (f"; against the original torch model {v['imagenet_max_rel_diff']:.1e} of the logits' size"
+                  if "imagenet_max_rel_diff" in v else "")
+    print(f"verified on {v['inputs']} inputs: base logits vs the base alone {same}{torch_line}; new logits "
+          f"{v['new_max_rel_diff']:.1e} (tolerance {v['tolerance']:.0e}); top-1 and new-class decisions identical")
     if recorded is not None:
         same = manifest["model_sha256"] == recorded.get("model_sha256")
         print(f"rebuilt from {a.from_manifest}: model.onnx is "
@@ -183,6 +196,7 @@ def settings_from_manifest(a: argparse.Namespace) -> dict[str, Any]:
         st = m["settings"]
         a.backbone, a.new_head, a.classes, a.force = st["backbone"], st["new_head"], st["classes"], st["force"]
         a.weights, a.restore, a.exclude = st.get("weights"), st.get("restore", "all"), st.get("exclude", [])
+        a.base, a.preprocess, a.labels = st.get("base"), st.get("preprocess"), st.get("labels")
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExtendserveError(f"{path}: not a manifest extendserve can rebuild from ({e})") from None
     if st.get("demo"):
@@ -282,6 +296,12 @@ def cmd_backbones(a: argparse.Namespace) -> int:
 
 
 def weight_options(p: argparse.ArgumentParser) -> None:
+    o = p.add_argument_group("any ImageNet-style classifier in ONNX as the base (instead of --backbone)")
+    o.add_argument("--base", metavar="FILE.onnx", help="the classifier whose final linear layer new classes sit beside")
+    o.add_argument("--preprocess", metavar="FILE.json", help="with --base: keys resize, crop, interpolation, mean, "
+                   "std (mean and std in 0-1 units, as torchvision writes them); default torchvision's ImageNet values")
+    o.add_argument("--labels", metavar="FILE", help="with --base: its class names, one a line (default: the ONNX "
+                   "metadata 'labels', else class_0, class_1, ...)")
     g = p.add_argument_group("backbone weights")
     g.add_argument("--weights", metavar="CKPT", help="a state dict for --backbone (fine-tuned elsewhere) restored "
                                                      "over the registry's ImageNet weights")
@@ -303,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone", default=DEFAULT_BACKBONE)
     t.add_argument("--name", help="head name shown with predictions (default: the file's stem)")
     t.add_argument("--method", default="gated", choices=["gated", "joint", "naive"],
-                   help="gated: calibrated (default); joint: rows trained in the 1000+N softmax; "
+                   help="gated: calibrated (default); joint: rows trained in the joint softmax with the base's classes; "
                         "naive: an N-way head on its own (for comparison)")
     t.add_argument("--negatives", help="folder of photos that are none of the new classes (optional)")
     t.add_argument("--epochs", type=int, default=300)

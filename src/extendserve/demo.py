@@ -41,6 +41,7 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
     import numpy as np
 
     from .backbone import load_backbone
+    from .base import builtin_base
     from .export import build_model
     from .features import FeatureExtractor
     from .preprocess import prepare_file
@@ -52,7 +53,7 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
             "the demo photos ship in matplotlib and scikit-image; install them: "
             "pip install -e '.[demo]'"
         )
-    backbone = load_backbone()
+    base = builtin_base(load_backbone())
     with tempfile.TemporaryDirectory() as tmp:
         classes = list(photos)
         files = []
@@ -61,10 +62,10 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
             dst.parent.mkdir(parents=True)
             shutil.copy(src, dst)
             files.append(dst)
-        feats, ok, _ = FeatureExtractor(backbone).extract(files)
-        head, _ = train_head(backbone, feats, np.arange(len(classes))[ok], classes,
+        feats, ok, _ = FeatureExtractor(base).extract(files)
+        head, _ = train_head(base, feats, np.arange(len(classes))[ok], classes,
                              TrainSettings(holdout=0.0))
     head.name = "demo"
     head.source = "demo photos from matplotlib and scikit-image"
-    real = [prepare_file(p, backbone.spec.preprocess) for p in photos.values()]
-    build_model(backbone, [head], out_dir, real_inputs=real, settings={"demo": True})
+    real = [prepare_file(p, base.preprocess) for p in photos.values()]
+    build_model(base, [head], out_dir, real_inputs=real, settings={"demo": True})

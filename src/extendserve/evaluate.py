@@ -27,12 +27,13 @@ def _logits(model: Model, files: list[Path]) -> tuple[np.ndarray, list[int]]:
 def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None) -> dict[str, Any]:
     model = Model(model_dir)
     labels = model.labels
+    k = int(model.manifest["heads"][0]["count"])  # the base's own classes come first
     out: dict[str, Any] = {"model": model_dir, "classes": len(labels)}
     if new:
         root = Path(new)
         if not root.is_dir():
             raise ExtendserveError(f"--new {new}: not a folder of class folders")
-        index = {name: i for i, name in enumerate(labels) if i >= 1000}
+        index = {name: i for i, name in enumerate(labels) if i >= k}
         per: dict[str, Any] = {}
         confusions: Counter[tuple[str, str]] = Counter()
         total = right = 0
@@ -60,9 +61,9 @@ def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None
             raise ExtendserveError(f"--imagenet {imagenet}: no photos named <synset>_<name>.JPEG")
         logits, ok = _logits(model, files)
         truth = np.array([synset_index(files[i].name.split("_")[0]) for i in ok])
-        before = logits[:, :1000].argmax(1)
+        before = logits[:, :k].argmax(1)
         after = logits.argmax(1)
-        stolen = after >= 1000
+        stolen = after >= k
         out["imagenet"] = {
             "photos": int(len(truth)),
             "top1_before": float((before == truth).mean()),

@@ -1,62 +1,32 @@
-"""Export to ONNX, verify against torch, and publish a model directory atomically."""
+"""Building a model: merge, verify, and publish the model directory atomically."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import hashlib
-import io
 import json
 import os
 import platform
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import onnx
 import torch
-from torch import nn
 
 from . import __version__
-from .backbone import LoadedBackbone
+from .base import PIXELS, Base
 from .errors import BuildError, ExtendserveError
 from .head import Head
-from .merge import MergedModel
+from .merge import OUTPUT, merged_model, metadata
 from .names import check_class_names
 
-OPSET = 17
 # ONNX vs torch, relative to each photo's largest |logit| (at least 1): onnxruntime picks other
 # kernels on other CPU kinds, so an absolute bound on float32 logits is machine luck, not a check.
 PARITY_RTOL = 2e-4
-
-
-def export_onnx(module: nn.Module, size: int, output: str, metadata: dict[str, str] | None = None) -> bytes:
-    """uint8 [batch, size, size, 3] -> ``output``, with a dynamic batch; returns the model bytes."""
-    module.eval()
-    example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
-    buf = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            module,
-            (example,),
-            buf,
-            input_names=["pixels"],
-            output_names=[output],
-            dynamic_axes={"pixels": {0: "batch"}, output: {0: "batch"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    proto = onnx.load_from_string(buf.getvalue())
-    for key, value in (metadata or {}).items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString()
 
 
 def verification_inputs(size: int, real: Sequence[np.ndarray] = (), seed: int = 0) -> np.ndarray:
@@ -85,85 +55,93 @@ def _decisions_agree(got: np.ndarray, want: np.ndarray, split: int, tol: np.ndar
     return top, float(wins[clear].mean()) if clear.any() else 1.0
 
 
-def verify(
-    onnx_bytes: bytes, merged: MergedModel, backbone: LoadedBackbone, inputs: np.ndarray
-) -> dict[str, Any]:
-    """onnxruntime vs torch on the same pixels, compared relative to the logits' magnitude (kernels
-    differ in the last bits from one CPU kind to the next), plus the decisions a user sees: the
-    same top-1 and the same new-class-or-not answer wherever the reference is not a tie."""
+def verify(onnx_bytes: bytes, base: Base, heads: Sequence[Head], inputs: np.ndarray) -> dict[str, Any]:
+    """The merged model in onnxruntime against: the base alone (its columns, exactly), the
+    original torch model for a built-in base (relative), and each head's torch scorer on the
+    base's own features (relative); plus the decisions a user sees: the same top-1 and the same
+    new-class-or-not answer wherever the reference is not a tie within the tolerance."""
     from .runtime import make_session
+    from .scoring import HeadGraph, unfrozen
 
-    sess = make_session(onnx_bytes, "cpu")
-    got = sess.run(["logits"], {"pixels": inputs})[0]
-    x = torch.from_numpy(inputs)
+    got = make_session(onnx_bytes, "cpu").run([OUTPUT], {PIXELS: inputs})[0]
+    k = len(base.labels)
+    blocks = len(base.backbone._blocks) if base.backbone is not None else 0
+    taps = sorted({base.taps[blocks - unfrozen(h)] for h in heads if unfrozen(h)})
+    ref = make_session(base.adapted(["logits", "features", *taps]).SerializeToString(), "cpu").run(
+        None, {PIXELS: inputs})
+    old, feats = ref[0].astype(np.float32), ref[1]
+    tapped = dict(zip(taps, ref[2:]))
     with torch.no_grad():
-        want_all = merged(x).numpy()
-        original = backbone.model(merged.features.adapter(x)).numpy()
-    split = original.shape[1]
-    scale = np.maximum(1.0, np.abs(want_all).max(1))  # per photo: the size of its logits
-    tol = PARITY_RTOL * scale
-    imagenet_rel = float((np.abs(got[:, :split] - original).max(1) / scale).max())
-    new_rel = float((np.abs(got[:, split:] - want_all[:, split:]).max(1) / scale).max()) if got.shape[1] > split else 0.0
-    top_agree, gate_agree = _decisions_agree(got, want_all, split, tol)
-    ok = (got.shape == want_all.shape and imagenet_rel <= PARITY_RTOL and new_rel <= PARITY_RTOL
-          and top_agree == 1.0 and gate_agree == 1.0)
-    return {
-        "passed": bool(ok),
+        news = [HeadGraph(h, base.backbone)(torch.from_numpy(tapped[base.taps[blocks - unfrozen(h)]] if unfrozen(h)
+                                                             else feats), torch.from_numpy(old)).numpy()
+                for h in heads]
+    want = np.concatenate([old, *news], axis=1)
+    scale = np.maximum(1.0, np.abs(want).max(1))  # per photo: the size of its logits
+    base_diff = float(np.abs(got[:, :k] - old).max())
+    new_rel = float((np.abs(got[:, k:] - want[:, k:]).max(1) / scale).max()) if heads else 0.0
+    top_agree, gate_agree = _decisions_agree(got, want, k, PARITY_RTOL * scale)
+    check: dict[str, Any] = {
         "inputs": int(len(inputs)),
-        "imagenet_max_abs_diff": float(np.abs(got[:, :split] - original).max()),
-        "new_max_abs_diff": float(np.abs(got[:, split:] - want_all[:, split:]).max()) if got.shape[1] > split else 0.0,
-        "imagenet_max_rel_diff": imagenet_rel,
+        "base_max_abs_diff": base_diff,
+        "base_identical": base_diff == 0.0,
+        "new_max_abs_diff": float(np.abs(got[:, k:] - want[:, k:]).max()) if heads else 0.0,
         "new_max_rel_diff": new_rel,
         "top1_agreement": top_agree,
         "new_class_decision_agreement": gate_agree,
         "tolerance": PARITY_RTOL,
         "tolerance_kind": "relative to each photo's largest |logit| (at least 1)",
-        "against": "original torch model (base columns), merged torch module (new columns)",
+        "against": "the base graph alone in onnxruntime (base columns), each head's torch scorer on the base's "
+                   "features (new columns)",
     }
+    ok = got.shape == want.shape and new_rel <= PARITY_RTOL and top_agree == 1.0 and gate_agree == 1.0
+    ok = ok and base_diff / float(np.abs(old).max() or 1.0) <= PARITY_RTOL
+    if base.backbone is not None:  # a built-in base: its export against the original torch model
+        from .backbone import InputAdapter
+
+        with torch.no_grad():
+            original = base.backbone(InputAdapter(base.preprocess)(torch.from_numpy(inputs))).numpy()
+        rel = float((np.abs(got[:, :k] - original).max(1) / scale).max())
+        check |= {"imagenet_max_abs_diff": float(np.abs(got[:, :k] - original).max()), "imagenet_max_rel_diff": rel}
+        ok = ok and rel <= PARITY_RTOL
+    check["passed"] = bool(ok)
+    return check
 
 
 def build_model(
-    backbone: LoadedBackbone,
+    base: Base,
     heads: Sequence[Head],
     out_dir: str | os.PathLike[str],
     real_inputs: Sequence[np.ndarray] = (),
     settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge, export, verify and publish ``out_dir``; returns the manifest.
+    """Wire the heads to the base, verify, and publish ``out_dir``; returns the manifest.
 
     The directory is written beside its final place and swapped in only once verified, so a
     failed or killed build leaves any previous model untouched.
     """
     t0 = time.time()
-    spec = backbone.spec
     names = [c for h in heads for c in h.classes]
     try:
-        check_class_names(names, "the new heads' classes, together", taken=spec.labels,
-                          taken_by=f"backbone {spec.name}")
+        check_class_names(names, "the new heads' classes, together", taken=base.labels, taken_by=f"base {base.name}")
     except ExtendserveError as e:
         raise BuildError(str(e)) from None
     head_names = [h.name for h in heads]
-    if len(set(head_names)) != len(head_names) or "imagenet" in head_names:
-        raise BuildError(f"head names must be unique and not 'imagenet' (got {head_names}); rename a head file")
-
-    merged = MergedModel(backbone, heads).eval()
-    labels = list(spec.labels) + names
-    heads_meta = [{"name": "imagenet", "offset": 0, "count": len(spec.labels), "source": spec.weights_package,
-                   "digest": backbone.digest, "method": "original"}]
-    offset = len(spec.labels)
+    if len(set(head_names)) != len(head_names) or "imagenet" in head_names or "base" in head_names:
+        raise BuildError(f"head names must be unique and not 'imagenet' or 'base' (got {head_names}); rename a head file")
+    labels = list(base.labels) + names
+    base_head = "imagenet" if base.backbone is not None else "base"  # the built-ins are ImageNet classifiers
+    heads_meta = [{"name": base_head, "offset": 0, "count": len(base.labels), "source": base.source,
+                   "digest": base.digest, "method": "original"}]
+    offset = len(base.labels)
     for h in heads:
         heads_meta.append({"name": h.name, "offset": offset, "count": len(h.classes), "source": h.source,
                            "digest": h.digest(), "method": h.method, "classes": h.classes,
                            "settings": h.settings})
         offset += len(h.classes)
-    pre = spec.preprocess.to_dict()
-    onnx_bytes = export_onnx(
-        merged, spec.input_size, "logits",
-        {"labels": json.dumps(labels), "preprocess": json.dumps(pre),
-         "heads": json.dumps([{k: m[k] for k in ("name", "offset", "count")} for m in heads_meta]),
-         "backbone": spec.name, "producer": f"extendserve {__version__}"},
-    )
-    check = verify(onnx_bytes, merged, backbone, verification_inputs(spec.input_size, real_inputs))
+    pre = base.preprocess.to_dict()
+    model = merged_model(base, heads, metadata(labels, pre, heads_meta, base, f"extendserve {__version__}"))
+    onnx_bytes = model.SerializeToString()
+    check = verify(onnx_bytes, base, heads, verification_inputs(base.input_size, real_inputs))
     if not check["passed"]:
         raise BuildError(f"verification failed, nothing was written: {json.dumps(check)}")
     manifest = {
@@ -171,14 +149,12 @@ def build_model(
         "version": 1,
         "labels": labels,
         "heads": heads_meta,
-        "backbone": {"name": spec.name, "digest": backbone.digest, "weights_package": spec.weights_package,
-                     "feature_dim": spec.feature_dim, "classifier": list(spec.classifier),
-                     "restored_weights": backbone.restore_report},
+        "backbone": base.describe() | {"restored_weights": base.restore_report},
         "preprocess": pre,
-        "input": {"name": "pixels", "dtype": "uint8", "shape": ["batch", spec.input_size, spec.input_size, 3],
+        "input": {"name": PIXELS, "dtype": "uint8", "shape": ["batch", base.input_size, base.input_size, 3],
                   "layout": "NHWC RGB after resize and centre crop"},
-        "output": {"name": "logits", "dtype": "float32", "shape": ["batch", len(labels)]},
-        "opset": OPSET,
+        "output": {"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(labels)]},
+        "opset": base.opset,
         "verification": check,
         "model_sha256": hashlib.sha256(onnx_bytes).hexdigest(),
         "settings": settings or {},

@@ -1,7 +1,7 @@
 """Photos -> frozen-backbone features, once: augmented views, cached on disk by file content.
 
-Extraction runs the backbone through onnxruntime (5x faster than torch eager on a 2-core CPU);
-the feature graph is exported once per backbone weights and cached beside the features.
+Extraction runs the base graph up to its features in onnxruntime (5x faster than torch eager on a
+2-core CPU for the built-in backbones).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .backbone import LoadedBackbone
+from .base import PIXELS, Base
 from .config import PreprocessConfig, cache_root
+from .progress import progress
 from .errors import BadImageError, ExtendserveError
 from .preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_regular_file, resize_shorter
 
@@ -26,15 +27,6 @@ from .preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidd
 VIEWS = ("center", "center-flip", "tl", "tr", "bl", "br", "tl-flip", "tr-flip", "bl-flip", "br-flip",
          "full", "full-flip")
 VIEWS_VERSION = 3  # 2: large JPEGs decoded with draft; 3: large photos of any format box-reduced first
-
-
-def progress(label: str, done: int, total: int, extra: str = "") -> None:
-    """One updating line on a terminal, a line per 10% otherwise (logs stay short)."""
-    tty = sys.stderr.isatty()
-    if tty or done == total or (total >= 10 and done % max(1, total // 10) == 0):
-        end = "\r" if tty and done < total else "\n"
-        sys.stderr.write(f"{label}: {done}/{total}{(' ' + extra) if extra else ''}{end}")
-        sys.stderr.flush()
 
 
 @dataclass
@@ -183,50 +175,27 @@ def warn(msg: str) -> None:
 
 
 class FeatureExtractor:
-    """Cached features of the VIEWS of each photo, for one backbone's exact weights."""
+    """Cached features of the VIEWS of each photo, for one base's exact weights: the base graph up
+    to its feature tensor, in onnxruntime."""
 
-    def __init__(self, backbone: LoadedBackbone, cache: Path | None = None):
-        self.backbone = backbone
-        key = f"{backbone.spec.name}-{backbone.digest[:16]}"
-        base = (cache or cache_root()) / "features" / key
-        self.cache = FeatureCache(base / f"views-v{VIEWS_VERSION}", f"{key}/{backbone.digest}/{VIEWS_VERSION}",
-                                  (len(VIEWS), backbone.spec.feature_dim))
+    def __init__(self, base: Base, cache: Path | None = None):
+        self.base = base
+        key = f"{base.name}-{base.digest[:16]}"
+        self.cache = FeatureCache((cache or cache_root()) / "features" / key / f"views-v{VIEWS_VERSION}",
+                                  f"{key}/{base.digest}/{VIEWS_VERSION}", (len(VIEWS), base.feature_dim))
         self._session = None
-        self.graph_path = base / "features.onnx"
 
     def session(self):  # type: ignore[no-untyped-def]
         if self._session is None:
             from .runtime import make_session
 
-            if self.graph_path.is_file():
-                try:
-                    self._session = make_session(self.graph_path, "cpu")
-                except ExtendserveError as e:
-                    warn(f"cached feature graph {self.graph_path} does not load ({str(e)[-120:]}); exporting it again")
-            if self._session is None:
-                self._session = make_session(self._export(), "cpu")
+            self._session = make_session(self.base.adapted(["features"]).SerializeToString(), "cpu")
         return self._session
-
-    def _export(self) -> bytes:
-        """The feature graph, exported and (where the cache is writable) saved for the next run."""
-        from .export import export_onnx
-        from .merge import FeatureModel
-
-        data = export_onnx(FeatureModel(self.backbone), self.backbone.spec.input_size, "features")
-        if self.cache.writable:
-            tmp = self.graph_path.with_suffix(f".tmp-{os.getpid()}")
-            try:
-                tmp.write_bytes(data)
-                os.replace(tmp, self.graph_path)
-            except OSError as e:
-                _discard(tmp)
-                self.cache._read_only(e)
-        return data
 
     def run(self, pixels: np.ndarray, batch: int = 48) -> np.ndarray:
         sess = self.session()
         return np.concatenate(
-            [sess.run(["features"], {"pixels": pixels[i : i + batch]})[0] for i in range(0, len(pixels), batch)]
+            [sess.run(None, {PIXELS: pixels[i : i + batch]})[0] for i in range(0, len(pixels), batch)]
         )
 
     def extract(
@@ -247,7 +216,7 @@ class FeatureExtractor:
             pending.clear()
 
         results: dict[int, np.ndarray] = {}
-        cfg = self.backbone.spec.preprocess
+        cfg = self.base.preprocess
         for i, path in enumerate(files):
             try:
                 data = read_regular_file(path)
@@ -275,6 +244,6 @@ class FeatureExtractor:
         flush()
         ok = sorted(results)
         feats = [results[i] for i in ok]
-        dim = self.backbone.spec.feature_dim
+        dim = self.base.feature_dim
         arr = np.stack(feats) if feats else np.zeros((0, len(VIEWS), dim), np.float32)
         return arr, ok, hits

@@ -9,105 +9,50 @@ tensors travel in the head file as ``extras["top.<backbone parameter name>"]``.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import EfficientNetLite, LoadedBackbone
-from .errors import ExtendserveError, HeadFileError
-from .features import photo_views, progress
+from .base import PIXELS, Base
+from .calibrate import fit_gated
+from .errors import ExtendserveError
+from .features import photo_views
+from .fit import fit_softmax
 from .head import Head
-
-PREFIX = "top."
-
-
-class TopCopy(nn.Module):
-    """Blocks ``start..`` plus head conv and pooling; parameter names as in the backbone."""
-
-    def __init__(self, model: EfficientNetLite, k: int):
-        super().__init__()
-        n = len(model._blocks)
-        if not 1 <= k <= n:
-            raise ExtendserveError(f"--unfreeze-top must be between 1 and {n} for this backbone, not {k}")
-        self.start = n - k
-        self._blocks = nn.ModuleDict({str(i): copy.deepcopy(model._blocks[i]) for i in range(self.start, n)})
-        self._conv_head = copy.deepcopy(model._conv_head)
-        self._bn1 = copy.deepcopy(model._bn1)
-        self.act = nn.ReLU6()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self._blocks.values():
-            x = block(x)
-        return self.act(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
+from .preprocess import read_regular_file
+from .progress import progress
+from .runtime import make_session
+from .scoring import PREFIX, TopCopy, scorer, top_from_head
+from .train import TrainReport, classifier, heldout_accuracy, split
 
 
-def unfrozen(head: Head) -> int:
-    return int(head.settings.get("unfreeze_top", 0) or 0)
-
-
-def top_from_head(backbone: LoadedBackbone, head: Head) -> TopCopy | None:
-    """The head's fine-tuned copy, checked tensor by tensor against the backbone's shapes."""
-    k = unfrozen(head)
-    if not k:
-        return None
-    top = TopCopy(backbone.model, k)
-    state = top.state_dict()
-    given = {name[len(PREFIX):]: t for name, t in head.extras.items() if name.startswith(PREFIX)}
-    missing = sorted(set(state) - set(given) - {n for n in state if n.endswith("num_batches_tracked")})
-    bad = [n for n in given if n in state and tuple(given[n].shape) != tuple(state[n].shape)]
-    if missing or bad or set(given) - set(state):
-        raise HeadFileError(f"{head.source or head.name}: its fine-tuned top {k} blocks do not fit "
-                            f"{backbone.spec.name} (missing {missing[:3]}, wrong shape {bad[:3]}); retrain it")
-    top.load_state_dict({**state, **{n: t.to(state[n].dtype) for n, t in given.items()}})
-    return top.eval().requires_grad_(False)
-
-
-class Trunk(nn.Module):
-    """uint8 pixels -> the activation entering block ``start``."""
-
-    def __init__(self, backbone: LoadedBackbone, start: int):
-        super().__init__()
-        from .merge import InputAdapter
-
-        self.adapter = InputAdapter(backbone.spec.preprocess)
-        self.model = backbone.model
-        self.start = start
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_trunk(self.adapter(pixels), self.start)
-
-
-def trunk_maps(backbone: LoadedBackbone, files: Sequence[Path], start: int) -> torch.Tensor:
-    """[n, len(VIEWS), C, H, W]: every training view through the frozen trunk (onnxruntime)."""
-    from .export import export_onnx
-    from .runtime import make_session
-
-    sess = make_session(export_onnx(Trunk(backbone, start), backbone.spec.input_size, "trunk"), "cpu")
-    cfg = backbone.spec.preprocess
+def trunk_maps(base: Base, files: Sequence[Path], start: int) -> torch.Tensor:
+    """[n, len(VIEWS), C, H, W]: every training view's activation entering block ``start``, read
+    off the base graph itself (onnxruntime)."""
+    if base.backbone is None or start not in base.taps:
+        raise ExtendserveError("--unfreeze-top fine-tunes a built-in backbone's top blocks; it needs --backbone, "
+                               "not --base")
+    sess = make_session(base.adapted([base.taps[start]]).SerializeToString(), "cpu")
     out = []
     for i, f in enumerate(files):
-        v = photo_views(Path(f).read_bytes(), str(f), cfg)
-        out.append(sess.run(["trunk"], {"pixels": v})[0])
+        v = photo_views(read_regular_file(f), str(f), base.preprocess)
+        out.append(sess.run(None, {PIXELS: v})[0])
         progress("trunk activations", i + 1, len(files))
     return torch.from_numpy(np.stack(out))
 
 
-def fit_unfrozen(backbone: LoadedBackbone, maps: torch.Tensor, labels: np.ndarray, classes: list[str], s,
+def fit_unfrozen(base: Base, maps: torch.Tensor, labels: np.ndarray, classes: list[str], s: Any,
                  k: int, freeze: Sequence[str] = (), label: str = "fine-tuning") -> Head:
     """Fine-tune a top-K copy with an N-way classifier on ``maps`` [n, V, C, H, W], then fit the
     gated head of :mod:`calibrate` on the copy's features. BatchNorm statistics stay frozen."""
-    from .calibrate import fit_gated
-    from .train import fit_softmax
-
     torch.manual_seed(s.seed)
-    top = TopCopy(backbone.model, k)
+    top = TopCopy(base.backbone, k)
     top.eval().requires_grad_(True)  # eval: BN keeps the pretrained statistics (a few dozen photos
     frozen = []  # cannot re-estimate them); the copied weights start trainable, then --freeze
     for name, p in top.named_parameters():
@@ -143,7 +88,7 @@ def fit_unfrozen(backbone: LoadedBackbone, maps: torch.Tensor, labels: np.ndarra
     top.requires_grad_(False)
     with torch.no_grad():
         feats = torch.cat([top(x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
-    head = fit_gated(backbone, feats.reshape(len(labels), views_n, -1), labels, classes, s, label)
+    head = fit_gated(base, feats.reshape(len(labels), views_n, -1), labels, classes, s, label)
     head.extras.update({PREFIX + n: t.detach().clone() for n, t in top.state_dict().items()
                         if not n.endswith("num_batches_tracked")})
     head.settings.update({"unfreeze_top": k, "freeze": list(freeze), "frozen_parameters": len(frozen),
@@ -151,25 +96,23 @@ def fit_unfrozen(backbone: LoadedBackbone, maps: torch.Tensor, labels: np.ndarra
     return head
 
 
-def train_unfrozen(backbone: LoadedBackbone, files: Sequence[Path], feats: np.ndarray, labels: np.ndarray,
-                   classes: list[str], s, k: int, freeze: Sequence[str] = ()):  # type: ignore[no-untyped-def]
+def train_unfrozen(base: Base, files: Sequence[Path], feats: np.ndarray, labels: np.ndarray,
+                   classes: list[str], s: Any, k: int, freeze: Sequence[str] = ()) -> tuple[Head, TrainReport]:
     """Like :func:`train.train_head`: a held-out check on a seeded split, then the final head."""
-    from .train import TrainReport, heldout_accuracy, split
-
     t0 = time.time()
     report = TrainReport(counts={c: int((labels == i).sum()) for i, c in enumerate(classes)})
-    maps = trunk_maps(backbone, files, len(backbone.model._blocks) - k)
+    maps = trunk_maps(base, files, len(base.backbone._blocks) - k)
     parts = split(labels, s.holdout, s.seed)
     if parts is not None:
         tr, ho = parts
-        probe = fit_unfrozen(backbone, maps[tr], labels[tr], classes, s, k, freeze, "fine-tuning (held-out check)")
-        top = top_from_head(backbone, probe)
+        probe = fit_unfrozen(base, maps[tr], labels[tr], classes, s, k, freeze, "fine-tuning (held-out check)")
+        top = top_from_head(base.backbone, probe)
+        w, b = classifier(base)
         with torch.no_grad():
             new_feats = top(maps[ho, 0])
-            base = torch.from_numpy(feats[ho, 0]).float()
-            old = backbone.model.forward_head(base)
-            logits = torch.cat([old, probe.scorer()(new_feats, old)], 1).numpy()
+            old = torch.from_numpy(feats[ho, 0]).float() @ w.T + b
+            logits = torch.cat([old, scorer(probe)(new_feats, old)], 1).numpy()
         report.heldout = heldout_accuracy(logits, labels[ho], classes)
-    head = fit_unfrozen(backbone, maps, labels, classes, s, k, freeze)
+    head = fit_unfrozen(base, maps, labels, classes, s, k, freeze)
     report.seconds = time.time() - t0
     return head, report

@@ -7,18 +7,15 @@ any pickled object that is not a tensor or plain container, so no code in it can
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .errors import BadImageError, ExtendserveError, HeadFileError
+from .checkpoint import safe_load
 from .names import check_class_names
 from .preprocess import read_regular_file
 
@@ -85,34 +82,26 @@ class Head:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def scorer(self) -> nn.Module:
-        if self.method == "joint":
-            return LinearScorer(self.weight, self.bias)
-        if self.method == "gated":
-            from .calibrate import GatedScorer
-
-            return GatedScorer(self)
-        raise HeadFileError(f"{self.source or self.name}: unknown head method {self.method!r}")
-
-    def check_fits(self, backbone: str, feature_dim: int, digest: str, force: bool = False) -> None:
-        """Refuse a head that was trained on other features than the ones it would receive."""
+    def check_fits(self, base: str, feature_dim: int, digest: str, force: bool = False) -> None:
+        """Refuse a head that was trained on other features than the ones it would receive: the
+        base's digest (weights of a built-in backbone, or the ONNX file) decides; names only
+        explain."""
         where = self.source or self.name
         if self.feature_dim != feature_dim:
             raise HeadFileError(
-                f"{where}: the head takes {self.feature_dim} features but backbone {backbone!r} "
-                f"gives {feature_dim}; train the head on {backbone!r} "
-                f"(extendserve train-head DATA --backbone {backbone})"
+                f"{where}: the head takes {self.feature_dim} features but base {base!r} gives {feature_dim}; "
+                f"train the head on {base!r} (extendserve train-head DATA with the same --backbone or --base)"
             )
-        if self.backbone != backbone:
+        if self.backbone_digest and self.backbone_digest == digest:
+            return
+        if self.backbone != base:
             raise HeadFileError(
-                f"{where}: the head was trained on backbone {self.backbone!r}, not {backbone!r}; "
-                f"build with --backbone {self.backbone} or retrain the head"
+                f"{where}: the head was trained on base {self.backbone!r}, not {base!r}; "
+                f"build with the base it was trained on (--backbone {self.backbone} or --base FILE) or retrain the head"
             )
-        if self.backbone_digest and self.backbone_digest != digest:
-            msg = (
-                f"{where}: the head was trained on other weights of {backbone!r} "
-                f"(digest {self.backbone_digest[:12]}, these are {digest[:12]})"
-            )
+        if self.backbone_digest:
+            msg = (f"{where}: the head was trained on other weights of {base!r} "
+                   f"(digest {self.backbone_digest[:12]}, these are {digest[:12]})")
             if not force:
                 raise HeadFileError(msg + "; retrain the head, or pass --force to build anyway")
             import warnings
@@ -120,74 +109,7 @@ class Head:
             warnings.warn(msg + "; building anyway because of --force", stacklevel=2)
 
 
-class LinearScorer(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
-        with torch.no_grad():
-            self.fc.weight.copy_(weight)
-            self.fc.bias.copy_(bias)
-
-    def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
-        return self.fc(feats)
-
-
 # --------------------------------------------------------------------------- reading
-
-
-MAX_HEAD_BYTES = 2 * 1024**3
-
-
-def safe_load(path: Path, what: str = "head file") -> Any:
-    """``torch.load(weights_only=True)`` of a regular file that looks like a PyTorch file; every
-    failure is a :class:`HeadFileError` saying what the file is and what to give instead."""
-    p = Path(path)
-    if not p.exists():
-        raise HeadFileError(f"{path}: no such file")
-    if p.is_dir():
-        raise HeadFileError(f"{path}: is a directory, expected a {what} (.pt)")
-    if not p.is_file():
-        raise HeadFileError(f"{path}: not a regular file (a device, FIFO or socket); give a {what} (.pt)")
-    try:
-        with open(p, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise HeadFileError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
-    if not magic:
-        raise HeadFileError(f"{path}: the file is empty (0 bytes); give a {what} written by torch.save "
-                            "(extendserve train-head writes one)")
-    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch's zip format, or a legacy pickle
-        kind = _sniff(magic)
-        raise HeadFileError(f"{path}: not a PyTorch file{' (it looks like ' + kind + ')' if kind else ''}; give a "
-                            f"{what} written by torch.save (extendserve train-head writes one)")
-    try:
-        data = read_regular_file(path, MAX_HEAD_BYTES, what)
-    except BadImageError as e:
-        raise HeadFileError(str(e)) from None
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise HeadFileError(
-            f"{path}: refused: the file holds pickled Python objects other than tensors and plain "
-            "data, which could run code when loaded; it is not loaded. Re-save it as tensors only "
-            "(torch.save(model.state_dict(), ...)) where it was made"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, IndexError,
-            KeyError, TypeError) as e:
-        raise HeadFileError(
-            f"{path}: not a readable PyTorch file, it is corrupt or truncated "
-            f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
-        ) from None
-
-
-def _sniff(magic: bytes) -> str:
-    for sig, kind in ((b"\xff\xd8", "a JPEG photo"), (b"\x89PNG", "a PNG image"), (b"GIF8", "a GIF image"),
-                      (b"%PDF", "a PDF")):
-        if magic.startswith(sig):
-            return kind
-    if all(32 <= b < 127 or b in (9, 10, 13) for b in magic):
-        return "text"
-    return ""
 
 
 def _find_linear(state: dict[str, Any], path: Path) -> tuple[torch.Tensor, torch.Tensor]:

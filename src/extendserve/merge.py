@@ -1,76 +1,81 @@
-"""The merged model: one backbone pass feeding the original classifier and every new head.
+"""The merged model: the base graph, untouched, plus one small subgraph per head, one output.
 
-Input contract (shared with ``model.onnx``): uint8 [batch, crop, crop, 3] RGB after resize and
-centre crop. Normalisation happens here, inside the graph, so clients send bytes.
+    pixels (uint8 [B, crop, crop, 3]) -> normalisation -> base graph -> base logits [B, K]
+                                                         \\-> features -> head A, head B, ...
+    logits = concat(base logits, head A, head B, ...)      [B, K + N]
+
+The base's own nodes compute the first K outputs exactly as the base alone does; each head's
+graph (exported from its torch scorer, :mod:`scoring`) reads the base's feature tensor and its
+logits (a ``--unfreeze-top`` head: the activation entering its first copied block).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
-import torch
-from torch import nn
+import onnx
+from onnx import TensorProto, helper
 
-from .backbone import LoadedBackbone
-from .config import PreprocessConfig
+from .base import FEATURES, PIXELS, Base
 from .head import Head
+from .scoring import head_graph, unfrozen
+
+OUTPUT = "logits"
 
 
-class InputAdapter(nn.Module):
-    """uint8 NHWC pixels -> normalised float NCHW, as the backbone was trained."""
+def _tap_shape(base: Base, tensor: str) -> tuple[int, ...]:
+    """One photo's shape of a tensor inside the base, measured (shape inference loses it at Pads)."""
+    import numpy as np
 
-    def __init__(self, cfg: PreprocessConfig):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(cfg.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("inv_std", 1.0 / torch.tensor(cfg.std, dtype=torch.float32).view(1, 3, 1, 1))
+    from .runtime import make_session
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.permute(0, 3, 1, 2).to(torch.float32)
-        return (x - self.mean) * self.inv_std
+    sess = make_session(base.adapted([tensor]).SerializeToString(), "cpu")
+    zeros = np.zeros((1, base.input_size, base.input_size, 3), np.uint8)
+    return tuple(sess.run(None, {PIXELS: zeros})[0].shape[1:])
 
 
-class FeatureModel(nn.Module):
-    """uint8 pixels -> pooled backbone features; what ``train-head`` extracts."""
+def merged_model(base: Base, heads: Sequence[Head], metadata: dict[str, str] | None = None) -> onnx.ModelProto:
+    """One ONNX model: the adapted base and every head wired to it, outputs concatenated."""
+    taps = {base.taps[len(base.backbone._blocks) - unfrozen(h)] for h in heads if unfrozen(h)} if base.taps else set()
+    model = base.adapted(["logits", "features", *sorted(taps)])
+    g = model.graph
+    del g.output[:]
+    old = "extendserve/old_logits"
+    g.node.append(helper.make_node("Cast", [base.logits], [old], to=TensorProto.FLOAT, name="extendserve/old_logits"))
+    outs = [old]
+    for i, h in enumerate(heads):
+        k = unfrozen(h)
+        source = base.taps[len(base.backbone._blocks) - k] if k else FEATURES
+        shape = _tap_shape(base, source) if k else (base.feature_dim,)
+        sub = head_graph(h, base.backbone, shape, len(base.labels), base.opset).graph
+        prefix = f"head{i}/"
+        wiring = {"features": source, "old_logits": old}
+        names = {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
 
-    def __init__(self, backbone: LoadedBackbone):
-        super().__init__()
-        self.adapter = InputAdapter(backbone.spec.preprocess)
-        self.backbone = backbone.model
+        def rename(x: str) -> str:
+            return wiring.get(x, prefix + x if x in names else x)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(self.adapter(pixels))
+        for t in sub.initializer:
+            t.name = prefix + t.name
+        for n in sub.node:
+            n.name = prefix + (n.name or n.op_type)
+            n.input[:] = [rename(x) for x in n.input]
+            n.output[:] = [rename(x) for x in n.output]
+        g.initializer.extend(sub.initializer)
+        g.node.extend(sub.node)
+        outs.append(prefix + "new_logits")
+    total = len(base.labels) + sum(len(h.classes) for h in heads)
+    g.node.append(helper.make_node("Concat", outs, [OUTPUT], axis=1, name="extendserve/concat"))
+    g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", total]))
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    return model
 
 
-class MergedModel(nn.Module):
-    """pixels -> [original 1000 logits | head A | head B ...] from one shared trunk.
-
-    A head trained with ``--unfreeze-top K`` brings its own fine-tuned copy of the top K blocks:
-    it branches off the trunk where those blocks start, while the original top blocks keep
-    feeding the ImageNet classifier, so the first 1000 outputs stay the original logits.
-    """
-
-    def __init__(self, backbone: LoadedBackbone, heads: Sequence[Head]):
-        super().__init__()
-        from .finetune import top_from_head
-
-        self.features = FeatureModel(backbone)
-        self.heads = nn.ModuleList([h.scorer() for h in heads])
-        tops = [top_from_head(backbone, h) for h in heads]
-        self.tops = nn.ModuleList([t if t is not None else nn.Identity() for t in tops])
-        self.starts = [t.start if t is not None else None for t in tops]
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        bb = self.features.backbone
-        taps = sorted({s for s in self.starts if s is not None})
-        if taps:
-            feats, saved = bb.forward_tapped(self.features.adapter(pixels), taps)
-        else:
-            feats, saved = self.features(pixels), {}
-        old = bb.forward_head(feats)
-        if not len(self.heads):
-            return old
-        outs = [old]
-        for head, top, start in zip(self.heads, self.tops, self.starts):
-            own = feats if start is None else top(saved[start])
-            outs.append(head(own, old))
-        return torch.cat(outs, dim=1)
+def metadata(labels: list[str], preprocess: dict, heads_meta: list[dict], base: Base, producer: str) -> dict[str, str]:
+    return {"labels": json.dumps(labels), "preprocess": json.dumps(preprocess),
+            "heads": json.dumps([{k: m[k] for k in ("name", "offset", "count")} for m in heads_meta]),
+            "backbone": base.name, "base_digest": base.digest, "producer": producer}

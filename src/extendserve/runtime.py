@@ -151,7 +151,7 @@ class Model:
             self.run(np.zeros((b, c, c, 3), np.uint8))
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [B, crop, crop, 3] -> logits [B, 1000 + N]."""
+        """uint8 [B, crop, crop, 3] -> logits [B, K + N] (K: the base's own classes)."""
         if self.device == "cuda":
             # IO binding: the uint8 batch (4x smaller than floats) is copied to the GPU once and
             # the logits come back once, with no intermediate host copies. Unverified: no GPU was

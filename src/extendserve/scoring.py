@@ -1,0 +1,157 @@
+"""New-class scoring, in one place: how each head method turns features (and the base's own
+logits) into its classes' logits, as a torch module, and that module exported as the head's own
+small ONNX graph, which :mod:`merge` wires beside the untouched base graph.
+
+- ``joint`` (also ``naive``): the linear rows, as they are.
+- ``gated``: see :mod:`calibrate`: max(base logits) + scale * gate margin + (ranker - max ranker).
+- a head trained with ``--unfreeze-top K`` starts from the activation entering block ``n - K`` of
+  the built-in backbone and brings its own fine-tuned copy of the top blocks (:class:`TopCopy`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import torch
+from torch import nn
+
+from .backbone import EfficientNetLite
+from .errors import ExtendserveError, HeadFileError
+from .head import Head
+from .onnx_export import export_module
+
+PREFIX = "top."  # head.extras keys of a fine-tuned top copy
+
+
+class LinearScorer(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0])
+        with torch.no_grad():
+            self.fc.weight.copy_(weight)
+            self.fc.bias.copy_(bias)
+
+    def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+        return self.fc(feats)
+
+
+class GatedScorer(nn.Module):
+    """The in-graph half of :func:`fit_gated`; see the module docstring for the formula. Which gate
+    a head carries is read from its tensors (heads from before the Mahalanobis gate stay cosine)."""
+
+    def __init__(self, head: Head):
+        super().__init__()
+        ex = head.extras
+        n, d = head.weight.shape
+        self.mahalanobis = "basis" in ex
+        r = ex["basis"].shape[-1] if self.mahalanobis else 0
+        shapes = ({"means": (n, d), "basis": (d, r), "basis_weights": (r,), "sigma": (1,)} if self.mahalanobis
+                  else {"prototypes": (n, d)}) | {"thresholds": (n,), "scale": (1,)}
+        for key, shape in shapes.items():
+            if key not in ex or tuple(ex[key].shape) != shape:
+                raise HeadFileError(
+                    f"{head.source or head.name}: gated head lacks a valid {key!r} {shape}; retrain it"
+                )
+        if self.mahalanobis and not (float(ex["sigma"]) > 0 and bool((ex["thresholds"] > 0).all())):
+            raise HeadFileError(f"{head.source or head.name}: gated head has a non-positive sigma or threshold; retrain it")
+        self.ranker = nn.Linear(d, n)
+        with torch.no_grad():
+            self.ranker.weight.copy_(head.weight)
+            self.ranker.bias.copy_(head.bias)
+        for key in shapes:
+            self.register_buffer(key, ex[key].float())
+
+    def gate(self, feats: torch.Tensor) -> torch.Tensor:
+        """[B, D] -> [B, 1]: the best class's margin past its threshold (> 0: the gate passes)."""
+        unit = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if not self.mahalanobis:
+            return (unit @ self.prototypes.T - self.thresholds).amax(dim=1, keepdim=True)
+        z = unit[:, None, :] - self.means[None]  # [B, n, D]
+        proj = z @ self.basis
+        rest = z - proj @ self.basis.T  # non-negative terms only: see Metric.distances
+        dist = ((rest * rest).sum(-1) + (proj * proj * (1 - self.basis_weights)).sum(-1)) / self.sigma
+        return (1 - dist / self.thresholds).amax(dim=1, keepdim=True)
+
+    def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+        r = self.ranker(feats)
+        top = old_logits.amax(dim=1, keepdim=True)
+        return top + self.scale * self.gate(feats) + (r - r.amax(dim=1, keepdim=True))
+
+
+def scorer(head: Head) -> nn.Module:
+    """(features [B, D], base logits [B, K]) -> the head's logits [B, N]."""
+    if head.method == "joint":
+        return LinearScorer(head.weight, head.bias).eval()
+    if head.method == "gated":
+        return GatedScorer(head).eval()
+    raise HeadFileError(f"{head.source or head.name}: unknown head method {head.method!r}")
+
+
+class TopCopy(nn.Module):
+    """Blocks ``start..`` plus head conv and pooling; parameter names as in the backbone."""
+
+    def __init__(self, model: EfficientNetLite, k: int):
+        super().__init__()
+        n = len(model._blocks)
+        if not 1 <= k <= n:
+            raise ExtendserveError(f"--unfreeze-top must be between 1 and {n} for this backbone, not {k}")
+        self.start = n - k
+        self._blocks = nn.ModuleDict({str(i): copy.deepcopy(model._blocks[i]) for i in range(self.start, n)})
+        self._conv_head = copy.deepcopy(model._conv_head)
+        self._bn1 = copy.deepcopy(model._bn1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self._blocks.values():
+            x = block(x)
+        return self.act(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
+
+
+def unfrozen(head: Head) -> int:
+    return int(head.settings.get("unfreeze_top", 0) or 0)
+
+
+def top_from_head(backbone: EfficientNetLite, head: Head) -> TopCopy | None:
+    """The head's fine-tuned copy, checked tensor by tensor against the backbone's shapes."""
+    k = unfrozen(head)
+    if not k:
+        return None
+    top = TopCopy(backbone, k)
+    state = top.state_dict()
+    given = {name[len(PREFIX):]: t for name, t in head.extras.items() if name.startswith(PREFIX)}
+    missing = sorted(set(state) - set(given) - {n for n in state if n.endswith("num_batches_tracked")})
+    bad = [n for n in given if n in state and tuple(given[n].shape) != tuple(state[n].shape)]
+    if missing or bad or set(given) - set(state):
+        raise HeadFileError(f"{head.source or head.name}: its fine-tuned top {k} blocks do not fit "
+                            f"this backbone (missing {missing[:3]}, wrong shape {bad[:3]}); retrain it")
+    top.load_state_dict({**state, **{n: t.to(state[n].dtype) for n, t in given.items()}})
+    return top.eval().requires_grad_(False)
+
+
+class HeadGraph(nn.Module):
+    """What one head adds to the merged model: its inputs are tensors of the base graph."""
+
+    def __init__(self, head: Head, backbone: EfficientNetLite | None):
+        super().__init__()
+        self.scorer = scorer(head)
+        self.top = top_from_head(backbone, head) if unfrozen(head) else None
+        if unfrozen(head) and backbone is None:
+            raise HeadFileError(f"{head.source or head.name}: trained with --unfreeze-top, which needs the "
+                                "built-in backbone it was fine-tuned from; build with --backbone, not --base")
+
+    def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+        own = self.top(feats) if self.top is not None else feats  # feats: the tap, for a top copy
+        return self.scorer(own, old_logits)
+
+
+def head_graph(head: Head, backbone: EfficientNetLite | None, in_shape: tuple[int, ...], classes: int,
+               opset: int) -> onnx.ModelProto:
+    """The head as its own ONNX model with inputs ``features`` (the base's features, or the tapped
+    activation for a top copy), ``old_logits`` [B, K] and output ``new_logits`` [B, N]."""
+    if not 9 <= opset <= 20:
+        raise ExtendserveError(f"the base model uses ONNX opset {opset}; heads can be written for opsets 9 to 20; "
+                               "convert the base (onnx.version_converter) to opset 17")
+    data = export_module(HeadGraph(head, backbone), (torch.zeros(2, *in_shape), torch.zeros(2, classes)),
+                         ["features", "old_logits"], ["new_logits"], opset)
+    return onnx.load_from_string(data)
