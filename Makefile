@@ -18,13 +18,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-$(MODEL_DIR)/model.onnx: | $(VENV)/.installed
-	$(BIN)/extendserve demo -o $(MODEL_DIR)
-
-model: $(MODEL_DIR)/model.onnx
+# The demo model, in BentoML's model store as extendserve-default (and as files in $(MODEL_DIR)),
+# built when the store does not hold it yet.
+model: install
+	@$(BIN)/bentoml models get extendserve-default:latest >/dev/null 2>&1 || \
+		$(BIN)/extendserve demo -o $(MODEL_DIR) --name default
 
 serve: install model
-	EXTENDSERVE_MODEL_DIR=$(MODEL_DIR) $(BIN)/bentoml serve --port $(PORT)
+	$(BIN)/bentoml serve --port $(PORT)
 
 # Chromium for the /ui browser test (Debian's package; the test skips without it).
 browser:

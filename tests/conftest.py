@@ -24,6 +24,7 @@ needs_shared = pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir() or not CELEBS.is_
 @pytest.fixture(scope="session", autouse=True)
 def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("EXTENDSERVE_CACHE", str(tmp_path_factory.mktemp("cache")))
+    os.environ["BENTOML_HOME"] = str(tmp_path_factory.mktemp("bentoml-home"))  # a real store, the tests' own
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -60,16 +60,19 @@ def read_reply(sock) -> str:
 
 
 class Server:
-    def __init__(self, model_dir: Path, **extra_env: str):
+    """``bentoml serve [target]`` from ``cwd``: a model folder (EXTENDSERVE_MODEL_DIR), else a tag in
+    the test session's BentoML store (EXTENDSERVE_MODEL in ``extra_env``)."""
+
+    def __init__(self, model_dir: Path | None, log_dir: Path | None = None, target: str | None = None,
+                 cwd: Path = ROOT, **extra_env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = os.environ | {"EXTENDSERVE_MODEL_DIR": str(model_dir), "EXTENDSERVE_DEVICE": "auto",
-                            "EXTENDSERVE_MAX_UPLOAD_MB": "2",
-                            "BENTOML_HOME": str(model_dir.parent / "bentoml-home")} | extra_env
-        self.log = open(model_dir.parent / f"serve-{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(self.port)],
-                                     cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        env = os.environ | ({"EXTENDSERVE_MODEL_DIR": str(model_dir)} if model_dir else {}) | {
+            "EXTENDSERVE_DEVICE": "auto", "EXTENDSERVE_MAX_UPLOAD_MB": "2"} | extra_env
+        self.log = open((log_dir or model_dir.parent) / f"serve-{self.port}.log", "w+")  # type: ignore[union-attr]
+        self.proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", *([target] if target else []),
+                                      "--port", str(self.port)], cwd=cwd, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -377,3 +380,22 @@ def test_one_model_for_the_life_of_the_service(built_model, tmp_path):
         assert status == 200 and body["predictions"][0]["label"] == "red discs"
     finally:
         s.stop()
+
+
+def test_raw_image_body(server):
+    """curl --data-binary @photo.jpg -H 'Content-Type: image/jpeg' .../classify?top_k=2"""
+    def raw(body: bytes, query: str = "") -> tuple[int, dict]:
+        req = urllib.request.Request(server.url + "/classify" + query, data=body, method="POST",
+                                     headers={"Content-Type": "image/jpeg"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    status, body = raw(disc(), "?top_k=2")
+    assert status == 200 and len(body["predictions"]) == 2 and body["predictions"][0]["label"] == "red discs"
+    status, body = raw(b"<html>not a photo</html>")
+    assert status == 400 and "not a recognised image format" in body["error"]
+    status, body = raw(disc(), "?top_k=1e3")
+    assert status == 400 and "top_k" in body["error"]

@@ -150,6 +150,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     if a.output is None:
         a.output = DEFAULT_MODEL_DIR
     output_dir(a.output)  # refused now, before any work, if it is not a folder a build may replace
+    name = store_name_for(a)
     classes = a.classes or []
     if classes and len(classes) != len(a.new_head or []):
         raise ExtendserveError("give one --classes FILE per --new-head, in the same order (or none)")
@@ -177,6 +178,7 @@ def cmd_build(a: argparse.Namespace) -> int:
                   if "imagenet_max_rel_diff" in v else "")
     print(f"verified on {v['inputs']} inputs: base logits vs the base alone {same}{torch_line}; new logits "
           f"{v['new_max_rel_diff']:.1e} (tolerance {v['tolerance']:.0e}); top-1 and new-class decisions identical")
+    save_and_say(a, name)
     if recorded is not None:
         same = manifest["model_sha256"] == recorded.get("model_sha256")
         print(f"rebuilt from {a.from_manifest}: model.onnx is "
@@ -184,6 +186,27 @@ def cmd_build(a: argparse.Namespace) -> int:
         if not same:
             return 1
     return 0
+
+
+def store_name_for(a: argparse.Namespace) -> str | None:
+    """The store name ``--name`` gives (default: the output folder's name), checked before any work."""
+    if a.no_store:
+        return None
+    from .store import store_name
+
+    name = a.name or Path(a.output).absolute().name.lower()
+    store_name(name)
+    return name
+
+
+def save_and_say(a: argparse.Namespace, name: str | None) -> None:
+    if name is None:
+        return
+    from .store import save_to_store
+
+    tag = save_to_store(a.output, name)
+    print(f"saved to the BentoML model store as {tag} (bentoml models list; serve it with "
+          f"EXTENDSERVE_MODEL={tag} bentoml serve)")
 
 
 def settings_from_manifest(a: argparse.Namespace) -> dict[str, Any]:
@@ -260,8 +283,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     from .export import output_dir
 
     output_dir(a.output)
+    name = store_name_for(a)
     build_demo(a.output)
     print(f"built the demo model in {a.output}")
+    save_and_say(a, name)
     return 0
 
 
@@ -309,6 +334,13 @@ def weight_options(p: argparse.ArgumentParser) -> None:
                    help="all: every matching tensor; backbone: keep the registry's original classifier")
     g.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="never restore parameters matching this shell-style pattern (repeatable), e.g. '_blocks.15.*'")
+
+
+def store_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("BentoML model store")
+    g.add_argument("--name", help="also save the model as extendserve-NAME, a new version, in the BentoML model "
+                                  "store (default: the output folder's name)")
+    g.add_argument("--no-store", action="store_true", help="write the -o folder only")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -359,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
                                            "the manifest's own dir)")
     b.add_argument("--backbone", default=DEFAULT_BACKBONE)
     b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
+    store_options(b)
     b.add_argument("--from", dest="from_manifest", metavar="MANIFEST",
                    help="rebuild with every setting recorded in a model's manifest.json (other options ignored)")
     weight_options(b)
@@ -380,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="build the demo model (ImageNet + two people from PyPI sample photos)")
     d.add_argument("-o", "--output", default=DEFAULT_MODEL_DIR)
+    store_options(d)
     d.set_defaults(func=cmd_demo)
 
     k = sub.add_parser("backbones", help="list the backbone registry")

@@ -1,0 +1,89 @@
+"""Built models in BentoML's model store, as BentoML users expect: ``extendserve-NAME:VERSION``,
+listed by ``bentoml models list``, packed into bentos by reference, moved with ``bentoml models
+export`` / ``import``. The files are the same bytes as in the ``-o`` folder. No torch here."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .errors import ExtendserveError
+
+PREFIX = "extendserve-"
+DEFAULT_TAG = f"{PREFIX}default:latest"
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
+
+
+def store_name(name: str) -> str:
+    """``NAME`` -> the store's model name, checked the way BentoML checks tags."""
+    if not _NAME.match(name) or len(PREFIX + name) > 63:
+        raise ExtendserveError(f"--name {name!r}: a model name is lowercase letters, digits, '-', '_' and '.', "
+                               "starting and ending with a letter or digit (for example --name celebs-v2)")
+    return PREFIX + name
+
+
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What ``/info`` shows, as store metadata (plain JSON values)."""
+    return {
+        "labels": len(manifest["labels"]),
+        "heads": [{k: h.get(k) for k in ("name", "offset", "count", "method")} for h in manifest["heads"]],
+        "backbone": {k: manifest["backbone"].get(k) for k in ("name", "digest", "source", "layout")},
+        "preprocess": manifest["preprocess"],
+        "verification": {k: v for k, v in manifest["verification"].items() if isinstance(v, (int, float, bool, str))},
+        "model_sha256": manifest["model_sha256"],
+    }
+
+
+def save_to_store(model_dir: str | os.PathLike[str], name: str) -> str:
+    """Save a built, verified model folder as a new version of ``extendserve-NAME``; its tag."""
+    import bentoml
+
+    from . import __version__
+
+    model_dir = Path(model_dir)
+    manifest = json.loads((model_dir / "manifest.json").read_text("utf-8"))
+    with bentoml.models.create(store_name(name), labels={"producer": "extendserve", "extendserve": __version__},
+                               metadata=summary(manifest)) as m:
+        for f in ("model.onnx", "manifest.json"):
+            shutil.copyfile(model_dir / f, m.path_of(f))
+    return str(m.tag)
+
+
+def resolve(tag: str) -> tuple[str, Path]:
+    """A tag (``latest`` allowed) -> the concrete ``name:version`` and its folder, from the local
+    store only (no remote pull at start-up), or an error with the fix."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    try:
+        model = bentoml.models.get(tag)
+    except NotFound:
+        name = tag.split(":")[0]
+        raise ExtendserveError(
+            f"no model {tag} in the BentoML model store ({os.environ.get('BENTOML_HOME', '~/bentoml')}); build one "
+            f"with: extendserve build --new-head HEAD.pt --name {name.removeprefix(PREFIX)} (make serve builds the demo), "
+            "or import one: bentoml models import FILE.bentomodel; see bentoml models list"
+        ) from None
+    except (BentoMLException, ValueError) as e:
+        raise ExtendserveError(f"EXTENDSERVE_MODEL={tag!r}: {e}; give a tag such as {DEFAULT_TAG}") from None
+    return str(model.tag), Path(model.path_of("manifest.json")).parent
+
+
+def packed_tag(service_file: str | os.PathLike[str]) -> str | None:
+    """Inside a bento: the extendserve model it was built with (from its ``bento.yaml``), so
+    ``bentoml serve NAME:VERSION`` serves the model packed with it, from any directory."""
+    import yaml
+
+    bento_yaml = Path(service_file).resolve().parents[2] / "bento.yaml"  # BENTO/src/service/service.py
+    if not bento_yaml.is_file():
+        return None
+    info = yaml.safe_load(bento_yaml.read_text("utf-8")) or {}
+    for svc in info.get("services") or []:
+        for m in svc.get("models") or []:
+            if str(m.get("tag", "")).startswith(PREFIX):
+                return str(m["tag"])
+    return None
