@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -144,6 +145,15 @@ class HttpEdge:
         if scope.get("path", "").rstrip("/") == "/classify" and (ctype.startswith(b"image/")
                                                                  or ctype == b"application/octet-stream"):
             return await self._raw_image(scope, counted, send, limit)
+        path = scope.get("path", "").rstrip("/")
+        if ctype == b"multipart/form-data" and path in FORM_FIELDS:
+            body = await _read_all(counted)
+            if over:
+                return await self._refuse(send, seen, limit)
+            problem = form_problem(body, headers.get(b"content-type", b""), path)
+            if problem:
+                return await _error(400, f"{path}: {problem}")(scope, receive, send)
+            counted = _replay(body, receive)
         try:
             await self.app(scope, counted, guarded)
         except Exception:
@@ -189,6 +199,74 @@ class HttpEdge:
         await send({"type": "http.response.body", "body": body})
 
 
+# What each endpoint's multipart form may hold: field -> must it be a file.
+FORM_FIELDS = {"/classify": {"image": True, "top_k": False}, "/classify_batch": {"images": True, "top_k": False}}
+
+
+def form_problem(body: bytes, content_type: bytes, path: str) -> str | None:
+    """What is wrong with a multipart form, said so the sender can fix it; None if it is well formed.
+
+    Checked before BentoML parses it: a wrong or unknown field name, or binary data in a text
+    field, once made BentoML answer 500 (a UnicodeDecodeError); the likeliest curl mistake,
+    ``-F file=@photo.jpg``, gets a 400 naming the field expected."""
+    fields = FORM_FIELDS[path]
+    photo = next(f for f, is_file in fields.items() if is_file)
+    hint = f"send the photo as the multipart field '{photo}' (curl -F {photo}=@photo.jpg)"
+    m = re.search(rb'boundary="?([^";]+)"?', content_type)
+    if not m:
+        return f"the multipart body has no boundary; {hint}"
+    seen: list[str] = []
+    for part in body.split(b"--" + m.group(1))[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, sep, value = part.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        disposition = next((ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-disposition")), b"")
+        name = re.search(rb'name="([^"]*)"', disposition)
+        if not sep or not name:
+            return f"a part of the multipart body has no field name; {hint}"
+        field = name.group(1).decode("utf-8", "replace")
+        if field not in fields:
+            return f"unknown field {field!r}; {hint}"
+        if not fields[field]:
+            text = value[:-2] if value.endswith(b"\r\n") else value
+            try:
+                _strict_int(text.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                return f"{field} must be a whole number written in digits, such as 5"
+        elif field in seen and path == "/classify":
+            return f"more than one '{photo}' field; /classify takes one photo, /classify_batch several ('images')"
+        seen.append(field)
+    if photo not in seen:
+        return f"no '{photo}' field; {hint}"
+    return None
+
+
+async def _read_all(receive: Any) -> bytes:
+    chunks = []
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":
+            break
+        chunks.append(msg.get("body", b""))
+        if not msg.get("more_body"):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A receive() that hands the already-read body to the app, then waits as the original does."""
+    sent = False
+
+    async def again() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
+
+
 def _strict_int(value: Any) -> Any:
     """``top_k`` as digits only: '1e3', '5.0' and 'true' are refused, not read as 1000, 5, 1."""
     ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
@@ -215,6 +293,8 @@ pages.add_route("/ui", ui, methods=["GET"])
 
 
 def _error(status: int, message: str) -> JSONResponse:
+    """A client's mistake: answered with the fix, logged at WARNING in one line (no traceback)."""
+    log.warning("%d: %s", status, message)
     return JSONResponse({"error": message}, status_code=status)
 
 

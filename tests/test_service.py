@@ -399,3 +399,27 @@ def test_raw_image_body(server):
     assert status == 400 and "not a recognised image format" in body["error"]
     status, body = raw(disc(), "?top_k=1e3")
     assert status == 400 and "top_k" in body["error"]
+
+
+@pytest.mark.parametrize("path, fields, words", [
+    ("/classify", [("file", "PHOTO", "x.jpg")], "unknown field 'file'"),
+    ("/classify", [("photo", "PHOTO", "x.jpg")], "field 'image'"),
+    ("/classify", [("images", "PHOTO", "x.jpg")], "field 'image'"),
+    ("/classify_batch", [("image", "PHOTO", "x.jpg")], "field 'images'"),
+    ("/classify", [("image", "PHOTO", "x.jpg"), ("extra", "1", None)], "unknown field 'extra'"),
+    ("/classify", [("image", "PHOTO", "x.jpg"), ("top_k", b"\xff\xd8\xff binary", None)], "top_k"),
+    ("/classify", [("top_k", "3", None)], "no 'image' field"),
+])
+def test_malformed_forms_are_400_naming_the_field(server, path, fields, words):
+    """The likeliest curl mistakes get a 400 that says what to send, logged in one WARNING line."""
+    fields = [(n, disc() if v == "PHOTO" else v, f) for n, v, f in fields]
+    status, body = server.post(path, fields)
+    assert status == 400 and words in body["error"], body
+    time.sleep(0.2)
+    logs = server.logs()
+    assert "Traceback" not in logs and "UnicodeDecodeError" not in logs and f"400: {path}" in logs
+
+
+def test_swagger_at_root(server):
+    status, page = server.get("/")
+    assert status == 200 and b"swagger" in page.lower()

@@ -1,5 +1,13 @@
-"""The ``extendserve`` command. Heavy imports (torch) happen inside the commands that need them,
-so ``predict`` stays torch-free and every command starts fast."""
+"""extendserve: teach a pretrained image classifier new classes without forgetting the old ones,
+and serve the result.
+
+  extendserve train-head PHOTOS/ -o head.pt      a head for the classes in PHOTOS/<class>/
+  extendserve build --new-head head.pt -o DIR     base + heads -> one verified ONNX model
+  extendserve predict --model DIR photo.jpg       classify photos (onnxruntime, no torch)
+"""
+
+# Heavy imports (torch) happen inside the commands that need them, so predict stays torch-free
+# and every command starts fast.
 
 from __future__ import annotations
 
@@ -148,8 +156,10 @@ def cmd_build(a: argparse.Namespace) -> int:
     if a.from_manifest:
         recorded = settings_from_manifest(a)
     if a.output is None:
-        a.output = DEFAULT_MODEL_DIR
+        raise ExtendserveError("give the model folder to write with -o DIR (for example -o models/celebs); build "
+                               "never writes a default folder, so the demo in models/default is not replaced by accident")
     output_dir(a.output)  # refused now, before any work, if it is not a folder a build may replace
+    before = previous_model(a.output)
     name = store_name_for(a)
     classes = a.classes or []
     if classes and len(classes) != len(a.new_head or []):
@@ -178,6 +188,8 @@ def cmd_build(a: argparse.Namespace) -> int:
                   if "imagenet_max_rel_diff" in v else "")
     print(f"verified on {v['inputs']} inputs: base logits vs the base alone {same}{torch_line}; new logits "
           f"{v['new_max_rel_diff']:.1e} (tolerance {v['tolerance']:.0e}); top-1 and new-class decisions identical")
+    if before:
+        print(f"replaced {a.output}: {before} -> {describe_model(manifest)}")
     save_and_say(a, name)
     if recorded is not None:
         same = manifest["model_sha256"] == recorded.get("model_sha256")
@@ -186,6 +198,19 @@ def cmd_build(a: argparse.Namespace) -> int:
         if not same:
             return 1
     return 0
+
+
+def describe_model(manifest: dict[str, Any]) -> str:
+    heads = ", ".join(f"{h['name']} ({h['count']})" for h in manifest["heads"])
+    return f"heads {heads}, sha256 {manifest['model_sha256'][:12]}"
+
+
+def previous_model(out: str) -> str | None:
+    """What a build into ``out`` replaces, in a few words (None: nothing)."""
+    try:
+        return describe_model(json.loads((Path(out) / "manifest.json").read_text("utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def store_name_for(a: argparse.Namespace) -> str | None:
@@ -252,6 +277,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
             raise ExtendserveError(f"{path}: cannot read it ({e.strerror}); give photo files") from None
         if not stat.S_ISREG(mode):
             raise ExtendserveError(f"{path}: not a regular file (a folder, device, FIFO or socket); give photo files")
+    if a.top_k < 1:
+        raise ExtendserveError(f"--top-k must be at least 1, not {a.top_k}")
     model = Model(a.model, device=os.environ.get("EXTENDSERVE_DEVICE", "cpu"))
     results = model.predict_files(a.images, a.top_k)
     if a.json:
@@ -305,7 +332,7 @@ def cmd_backbones(a: argparse.Namespace) -> int:
             top1 = f"{right}/{n} ({right / max(n, 1):.1%})"
         rows.append([s.name, f"{s.input_size}", f"{s.preprocess.resize}", f"{s.feature_dim}", ",".join(s.classifier),
                      top1, s.weights_package])
-    head = ["name", "input", "resize", "features", "classifier (replaced by a new head)", "top-1", "weights package"]
+    head = ["name", "input", "resize", "features", "classifier (new heads sit beside it)", "top-1", "weights package"]
     if a.json:
         print(json.dumps([dict(zip(head, r)) for r in rows], indent=2))
         return 0
@@ -318,6 +345,10 @@ def cmd_backbones(a: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option's help; the description's lines kept as written."""
 
 
 def weight_options(p: argparse.ArgumentParser) -> None:
@@ -344,24 +375,29 @@ def store_options(p: argparse.ArgumentParser) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_BACKBONE, GATES
+    from . import __version__
+    from .config import BACKBONES, DEFAULT_BACKBONE, GATES
 
-    p = argparse.ArgumentParser(prog="extendserve", description=__doc__)
+    style = {"allow_abbrev": False, "formatter_class": Formatter}  # --epoch is not taken for --epochs
+    p = argparse.ArgumentParser(prog="extendserve", description=__doc__, **style)  # type: ignore[arg-type]
+    p.add_argument("--version", action="version", version=f"extendserve {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *args, **kw: _add(*args, **(style | kw))  # type: ignore[method-assign]
 
     t = sub.add_parser("train-head", help="train a head for new classes from a class-per-folder tree")
     t.add_argument("data", help="folder with one sub-folder of photos per class")
     t.add_argument("-o", "--output", required=True, help="head file to write (.pt)")
-    t.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES)
     t.add_argument("--name", help="head name shown with predictions (default: the file's stem)")
     t.add_argument("--method", default="gated", choices=["gated", "joint", "naive"],
                    help="gated: calibrated (default); joint: rows trained in the joint softmax with the base's classes; "
                         "naive: an N-way head on its own (for comparison)")
     t.add_argument("--negatives", help="folder of photos that are none of the new classes (optional)")
-    t.add_argument("--epochs", type=int, default=300)
-    t.add_argument("--lr", type=float, default=0.01)
+    t.add_argument("--epochs", type=int, default=300, help="full-batch optimiser steps")
+    t.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     t.add_argument("--weight-decay", type=float, default=1e-3, help="L2 penalty on the head's rows")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="the held-out split and the optimiser's start")
     t.add_argument("--holdout", type=float, default=0.2, help="share held out to report accuracy (0: none)")
     t.add_argument("--no-augment", action="store_true", help="train on the centre crop only")
     t.add_argument("--gate", default=GATES[0], choices=GATES,
@@ -387,9 +423,9 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="merge heads with the backbone, export ONNX and verify it")
     b.add_argument("--new-head", action="append", help="head file (repeatable, in output order)")
     b.add_argument("--classes", action="append", help="class list for a head trained elsewhere, one per --new-head")
-    b.add_argument("-o", "--output", help=f"model dir to write (default: {DEFAULT_MODEL_DIR}; with --from, "
-                                           "the manifest's own dir)")
-    b.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    b.add_argument("-o", "--output", help="model folder to write (required; with --from, default the manifest's "
+                                           "own folder). Rebuilding into a model folder replaces it, saying what it replaced")
+    b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES)
     b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
     store_options(b)
     b.add_argument("--from", dest="from_manifest", metavar="MANIFEST",
@@ -399,13 +435,13 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="classify photos with a built model (onnxruntime, no torch)")
     r.add_argument("images", nargs="+")
-    r.add_argument("--model", default=DEFAULT_MODEL_DIR)
-    r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder")
+    r.add_argument("--top-k", type=int, default=5, help="predictions shown per photo")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("eval", help="new-class accuracy, ImageNet photos stolen, ImageNet top-1")
-    e.add_argument("--model", default=DEFAULT_MODEL_DIR)
+    e.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder")
     e.add_argument("--new", help="class-per-folder photos of the new classes")
     e.add_argument("--imagenet", help="photos named <synset>_<name>.JPEG")
     e.add_argument("--json", action="store_true")

@@ -25,6 +25,9 @@ def _logits(model: Model, files: list[Path]) -> tuple[np.ndarray, list[int]]:
 
 
 def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None) -> dict[str, Any]:
+    if not new and not imagenet:
+        raise ExtendserveError("nothing to evaluate: give --new DIR (held-out photos of the new classes, one folder "
+                               "a class) and/or --imagenet DIR (photos named <synset>_<name>.JPEG)")
     model = Model(model_dir)
     labels = model.labels
     k = int(model.manifest["heads"][0]["count"])  # the base's own classes come first
@@ -37,13 +40,19 @@ def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None
         per: dict[str, Any] = {}
         confusions: Counter[tuple[str, str]] = Counter()
         total = right = 0
-        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not folders:
+            raise ExtendserveError(f"--new {new}: no class folders in it; put each class's held-out photos in "
+                                   f"{new}/<class name>/ (new classes of this model: {sorted(index)[:10]})")
+        for d in folders:
             if d.name not in index:
                 raise ExtendserveError(
                     f"--new: folder {d.name!r} is not a class of this model; new classes are "
                     f"{sorted(index)}"
                 )
             logits, _ = _logits(model, list_images(d, recursive=False))
+            if not len(logits):
+                raise ExtendserveError(f"--new: folder {d} holds no readable photos; add some or remove it")
             pred = logits.argmax(1)
             hits = int((pred == index[d.name]).sum())
             per[d.name] = {"photos": len(pred), "correct": hits, "accuracy": hits / max(len(pred), 1)}

@@ -1,0 +1,94 @@
+"""The first hour as a user: every mistake on the command line answered, nothing ignored silently."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli, synthetic_photo
+from extendserve.config import BACKBONES
+
+
+@pytest.mark.parametrize("per_class", [1, 2])
+def test_one_or_two_photos_a_class_train_build_and_verify(tmp_path, per_class):
+    root = tmp_path / "photos"
+    for kind, name in enumerate(["discs", "stripes"]):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            synthetic_photo(kind, 70 * kind + i).save(root / name / f"{i}.jpg", quality=90)
+    run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"))
+    run_cli("build", "--new-head", str(tmp_path / "h.pt"), "-o", str(tmp_path / "m"), "--no-store")
+    v = json.loads((tmp_path / "m" / "manifest.json").read_text())["verification"]
+    assert v["passed"] and v["base_identical"]
+
+
+def test_photos_beside_the_class_folders_are_reported(tmp_path):
+    root = tmp_path / "photos"
+    for kind, name in enumerate(["discs", "stripes"]):
+        (root / name).mkdir(parents=True)
+        synthetic_photo(kind, kind).save(root / name / "0.jpg")
+    synthetic_photo(0, 9).save(root / "loose.jpg")
+    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"), "--holdout", "0")
+    assert "loose.jpg" in r.stderr and "belongs to no class" in r.stderr
+
+
+def test_eval_needs_something_to_evaluate(built_model, tmp_path):
+    r = run_cli("eval", "--model", str(built_model), check=False)
+    assert r.returncode == 2 and "--new" in r.stderr and "--imagenet" in r.stderr
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    synthetic_photo(0, 1).save(flat / "a.jpg")
+    r = run_cli("eval", "--model", str(built_model), "--new", str(flat), check=False)
+    assert r.returncode == 2 and "no class folders" in r.stderr
+
+
+def test_predict_top_k_zero_refused(built_model, tmp_path):
+    synthetic_photo(0, 1).save(tmp_path / "a.jpg")
+    r = run_cli("predict", "--model", str(built_model), "--top-k", "0", str(tmp_path / "a.jpg"), check=False)
+    assert r.returncode == 2 and "--top-k" in r.stderr
+
+
+def test_option_prefixes_are_not_guessed(synthetic_data, tmp_path):
+    r = run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--epoch", "5", check=False)
+    assert r.returncode == 2 and "unrecognized arguments: --epoch" in r.stderr and not (tmp_path / "h.pt").exists()
+
+
+def test_build_needs_an_output_and_says_what_it_replaced(built_model, synthetic_head, tmp_path):
+    r = run_cli("build", check=False)
+    assert r.returncode == 2 and "-o DIR" in r.stderr
+    target = tmp_path / "m"
+    import shutil
+
+    shutil.copytree(built_model, target)
+    old_sha = json.loads((target / "manifest.json").read_text())["model_sha256"][:12]
+    r = run_cli("build", "-o", str(target), "--no-store")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("replaced"))
+    assert "shapes (2)" in line and old_sha in line and "-> heads imagenet (1000)" in line
+
+
+def test_help_version_defaults_and_choices():
+    r = run_cli("--version")
+    assert r.stdout.startswith("extendserve ")
+    top = run_cli("--help").stdout
+    assert "``" not in top and "train-head" in top
+    help_text = run_cli("train-head", "--help").stdout
+    for words in ("(default: 300)", "(default: 0.01)", "(default: 0)", "(default: 0.2)", ",".join(BACKBONES)):
+        assert words in " ".join(help_text.split()), words
+    assert "(default: 5)" in " ".join(run_cli("predict", "--help").stdout.split())
+    assert "new heads sit beside it" in run_cli("backbones").stdout
+
+
+def test_cli_backbone_choices_are_the_registry():
+    from extendserve.backbone import REGISTRY
+
+    assert tuple(sorted(REGISTRY)) == BACKBONES
+
+
+def test_bentoml_build_without_the_model_says_so(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env=os.environ | {"EXTENDSERVE_MODEL": "extendserve-absent:latest"})
+    assert r.returncode != 0 and "no model extendserve-absent:latest" in (r.stdout + r.stderr)
