@@ -227,27 +227,74 @@ def test_real_photo(server):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _browser(p):  # type: ignore[no-untyped-def]
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"])
+
+
+def _overflow(page) -> int:  # type: ignore[no-untyped-def]
+    """How many pixels the page is wider than its viewport (0: nothing off-screen)."""
+    return page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make browser)")
-def test_ui_page_in_chromium(server, tmp_path):
+@pytest.mark.parametrize("width", [320, 375, 1280])
+def test_ui_page_in_chromium(server, tmp_path, width):
     from playwright.sync_api import sync_playwright
 
     photo = tmp_path / "disc.jpg"
     photo.write_bytes(disc())
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        page = browser.new_page()
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": width, "height": 800})
         page.goto(server.url + "/ui")
+        page.wait_for_selector("#heads li")
+        assert "shapes: 2 classes" in page.locator("#heads").inner_text()
+        assert "model " in page.locator("#meta").inner_text() and "1002 classes" in page.locator("#meta").inner_text()
         page.set_input_files("#file", str(photo))
         page.wait_for_selector("tr.prediction", timeout=30000)
         rows = page.locator("tr.prediction")
         assert rows.count() == 5
         assert rows.nth(0).locator(".label").inner_text() == "red discs"
         assert rows.nth(0).locator(".head").inner_text() == "shapes"
-        assert page.locator("#photo").is_visible()
-        assert "1002 classes" in page.locator("#meta").inner_text()
-        page.screenshot(path=str(tmp_path / "ui.png"))
+        page.wait_for_function("!document.getElementById('photo').hidden")
+        # Nothing off-screen: no horizontal overflow, every score and head inside the viewport, bars drawn.
+        assert _overflow(page) <= 0
+        for sel in (".score", ".head"):
+            box = rows.nth(0).locator(sel).bounding_box()
+            assert box is not None and box["x"] + box["width"] <= width
+        assert rows.nth(0).locator(".bar").bounding_box()["width"] > 10
+        page.screenshot(path=str(tmp_path / f"ui-{width}.png"), full_page=True)
+        browser.close()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make browser)")
+def test_ui_busy_state_bad_photo_and_keyboard(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    (tmp_path / "notes.jpg").write_bytes(b"<html>not a photo</html>")
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 375, "height": 800})
+        page.goto(server.url + "/ui")
+        page.route("**/classify", lambda route: (time.sleep(0.5), route.continue_()))  # slow enough to see
+        page.set_input_files("#file", str(tmp_path / "notes.jpg"))
+        page.wait_for_selector("#drop[aria-busy=true]")
+        assert "working" in page.locator("#status").inner_text()
+        page.wait_for_selector("#error:not(:empty)")
+        assert "not a recognised image format" in page.locator("#error").inner_text()
+        assert page.locator("#photo").is_hidden()  # no broken-image icon beside the error
+        assert page.locator("#drop").get_attribute("aria-busy") == "false"
+        # The whole drop zone opens the file chooser: by click, and from the keyboard.
+        with page.expect_file_chooser() as chooser:
+            page.locator("#drop").click(position={"x": 5, "y": 5})
+        assert chooser.value is not None
+        page.locator("h1").click()  # focus back at the top of the page, outside the drop zone
+        page.keyboard.press("Tab")  # the drop zone is the first stop from there
+        assert page.evaluate("document.activeElement.id") == "drop"
+        with page.expect_file_chooser():
+            page.keyboard.press("Enter")
         browser.close()
 
 
