@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import bentoml
 import numpy as np
-from pydantic import BeforeValidator
+from pydantic import BaseModel, BeforeValidator, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -277,6 +277,17 @@ def _strict_int(value: Any) -> Any:
 
 TopK = Annotated[int, BeforeValidator(_strict_int)]
 
+
+class Prediction(BaseModel):
+    label: str
+    index: int = Field(description="column of the model's output (the base's classes first, then each head's)")
+    score: float = Field(description="softmax over all classes")
+    head: str = Field(description="which head the class belongs to ('imagenet' or 'base': the original classes)")
+
+
+class Classification(BaseModel):
+    predictions: list[Prediction]
+
 pages = Starlette()
 
 
@@ -365,7 +376,7 @@ class Classifier:
         row = await self.batcher.submit(pixels)
         return {"predictions": [p.to_dict() for p in self.model.top_k(softmax(row[None]), top_k)[0]]}
 
-    async def _classify(self, paths: list[Path], top_k: int) -> list[dict[str, Any]] | JSONResponse:
+    async def _classify(self, paths: list[Path], top_k: int) -> list[Classification] | JSONResponse:
         if not 1 <= top_k <= len(self.model.labels):
             return _error(400, f"top_k must be between 1 and {len(self.model.labels)}, not {top_k}")
         rows: list[np.ndarray] = []
@@ -382,16 +393,16 @@ class Classifier:
         except BadImageError as e:
             return _error(400, str(e))
         preds = self.model.top_k(softmax(np.stack(rows)), top_k)
-        return [{"predictions": [p.to_dict() for p in row]} for row in preds]
+        return [Classification(predictions=[Prediction(**p.to_dict()) for p in row]) for row in preds]
 
     @bentoml.api
-    async def classify(self, image: Path, top_k: TopK = 5) -> dict[str, Any]:
+    async def classify(self, image: Path, top_k: TopK = 5) -> Classification:
         """One photo (multipart field ``image``) -> its top-k labels, scores and heads."""
         out = await self._classify([image], top_k)
         return out if isinstance(out, JSONResponse) else out[0]  # type: ignore[return-value]
 
     @bentoml.api
-    async def classify_batch(self, images: list[Path], top_k: TopK = 5) -> list[dict[str, Any]]:
+    async def classify_batch(self, images: list[Path], top_k: TopK = 5) -> list[Classification]:
         """Several photos (multipart field ``images``, repeated) -> one result each, in order."""
         if not images:
             return _error(400, "no photos: send one or more multipart fields named 'images'")  # type: ignore[return-value]

@@ -467,6 +467,9 @@ def test_malformed_forms_are_400_naming_the_field(server, path, fields, words):
     assert "Traceback" not in logs and "UnicodeDecodeError" not in logs and f"400: {path}" in logs
 
 
-def test_swagger_at_root(server):
+def test_swagger_at_root_and_typed_responses(server):
     status, page = server.get("/")
     assert status == 200 and b"swagger" in page.lower()
+    schemas = json.loads(server.get("/docs.json")[1])["components"]["schemas"]
+    assert set(schemas["Prediction"]["properties"]) == {"label", "index", "score", "head"}
+    assert "predictions" in schemas["Classification"]["properties"]
