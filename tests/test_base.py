@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -159,16 +158,14 @@ def test_foreign_lite0_names_the_tench_and_the_celebrities_as_the_builtin_does(t
 
     fixed_split(tmp_path)
     opts = foreign_lite0(tmp_path)
-    results = {}
-    for name, extra in (("foreign", opts), ("builtin", [])):
-        run_cli("train-head", str(tmp_path / "train"), "-o", str(tmp_path / f"{name}.pt"), "--holdout", "0", *extra)
-        run_cli("build", "--new-head", str(tmp_path / f"{name}.pt"), "-o", str(tmp_path / name), *extra)
-        results[name] = json.loads(run_cli("eval", "--model", str(tmp_path / name), "--new", str(tmp_path / "held"),
-                                           "--imagenet", str(IMAGENET_SAMPLE), "--json").stdout)
-        tench = Model(tmp_path / name).predict_files([str(IMAGENET_SAMPLE / "n01440764_tench.JPEG")], 1)
-        assert tench[0]["predictions"][0]["label"] == "tench"
-    f, b = results["foreign"], results["builtin"]
-    assert f["imagenet"]["top1_before"] == b["imagenet"]["top1_before"] == 0.89  # 178 of 200, as the brief says
-    assert abs(f["new"]["accuracy"] - b["new"]["accuracy"]) <= 0.05  # one held-out photo in 20
-    assert f["imagenet"]["stolen"] <= 0.01 and f["new"]["accuracy"] >= 0.7
-    shutil.rmtree(tmp_path / "train")
+    run_cli("train-head", str(tmp_path / "train"), "-o", str(tmp_path / "f.pt"), "--holdout", "0", *opts)
+    run_cli("build", "--new-head", str(tmp_path / "f.pt"), "-o", str(tmp_path / "m"), "--no-store", *opts)
+    f = json.loads(run_cli("eval", "--model", str(tmp_path / "m"), "--new", str(tmp_path / "held"),
+                           "--imagenet", str(IMAGENET_SAMPLE), "--json").stdout)
+    tench = Model(tmp_path / "m").predict_files([str(IMAGENET_SAMPLE / "n01440764_tench.JPEG")], 1)
+    assert tench[0]["predictions"][0]["label"] == "tench"
+    # The built-in path on this split (README's calibration table, test_calibration): 178 of 200 ImageNet
+    # photos, 15 of 20 held-out celebrities (75%), none of the ImageNet photos stolen.
+    assert f["imagenet"]["top1_before"] == f["imagenet"]["top1_after"] == 0.89
+    assert abs(f["new"]["accuracy"] - 0.75) <= 0.05  # within one held-out photo in 20
+    assert f["imagenet"]["stolen"] <= 0.005

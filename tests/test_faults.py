@@ -127,7 +127,7 @@ def test_unwritable_cache_is_used_read_only(synthetic_data, tmp_path):
 
 
 def _train(data: Path, out: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "extendserve", "train-head", str(data), "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "extendserve", "train-head", str(data), "-o", str(out), "--epochs", "40"],
                        capture_output=True, text=True, env=os.environ | env)
     assert r.returncode == 0, r.stderr
     return r

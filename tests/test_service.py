@@ -278,10 +278,10 @@ def test_ui_busy_state_bad_photo_and_keyboard(server, tmp_path):
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 375, "height": 800})
         page.goto(server.url + "/ui")
-        page.route("**/classify", lambda route: (time.sleep(0.5), route.continue_()))  # slow enough to see
+        page.route("**/classify", lambda route: (time.sleep(1.5), route.continue_()))  # slow enough to see
         page.set_input_files("#file", str(tmp_path / "notes.jpg"))
-        page.wait_for_selector("#drop[aria-busy=true]")
-        assert "working" in page.locator("#status").inner_text()
+        page.wait_for_function("document.getElementById('drop').getAttribute('aria-busy') === 'true'"
+                               " && document.getElementById('status').textContent.includes('working')")
         page.wait_for_selector("#error:not(:empty)")
         assert "not a recognised image format" in page.locator("#error").inner_text()
         assert page.locator("#photo").is_hidden()  # no broken-image icon beside the error
@@ -289,12 +289,13 @@ def test_ui_busy_state_bad_photo_and_keyboard(server, tmp_path):
         # The whole drop zone opens the file chooser: by click, and from the keyboard.
         with page.expect_file_chooser() as chooser:
             page.locator("#drop").click(position={"x": 5, "y": 5})
-        assert chooser.value is not None
+        chooser.value.set_files([])  # close it: Chromium opens no second chooser while one is open
         page.locator("h1").click()  # focus back at the top of the page, outside the drop zone
         page.keyboard.press("Tab")  # the drop zone is the first stop from there
         assert page.evaluate("document.activeElement.id") == "drop"
-        with page.expect_file_chooser():
+        with page.expect_file_chooser() as again:
             page.keyboard.press("Enter")
+        again.value.set_files([])
         browser.close()
 
 
