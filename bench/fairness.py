@@ -9,10 +9,6 @@ Usage: python bench/fairness.py [--model models/default] [--photos 1000] [--sing
 from __future__ import annotations
 
 import argparse
-import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, photos, write_section  # noqa: E402
-from http_bench import post  # noqa: E402
+from http_bench import post, serving  # noqa: E402
 
 
 def post_batch(url: str, bodies: list[bytes]) -> tuple[int, float]:
@@ -58,23 +54,10 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     a = ap.parse_args()
     data, what = photos()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"EXTENDSERVE_MODEL_DIR": str(Path(a.model).absolute()),
-                        "EXTENDSERVE_MAX_BATCH_PHOTOS": str(a.photos), "EXTENDSERVE_MAX_REQUEST_MB": "4096"}
+    env = {"EXTENDSERVE_MAX_BATCH_PHOTOS": str(a.photos), "EXTENDSERVE_MAX_REQUEST_MB": "4096"}
     if a.service_root != str(ROOT):
         env["PYTHONPATH"] = str(Path(a.service_root) / "src")
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], cwd=a.service_root,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                if urllib.request.urlopen(url + "/readyz", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
+    with serving(str(Path(a.model).absolute()), env, Path(a.service_root)) as (url, _):
         idle = singles(url, data, a.singles)
         batch = [data[i % len(data)] for i in range(a.photos)]
         stop = threading.Event()
@@ -89,9 +72,6 @@ def main() -> None:
         time.sleep(1.0)  # the batch is uploaded and being worked on
         busy = singles(url, data, a.singles, stop)
         t.join()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
     ms = lambda xs, q: np.percentile(xs, q) * 1000 if xs else float("nan")  # noqa: E731
     rows = [
         "| single /classify | requests | p50 ms | p90 ms | max ms |",

@@ -53,13 +53,13 @@ def post(url: str, body: bytes) -> float:
 
 
 @contextlib.contextmanager
-def serving(model: str, extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
-    """A real ``bentoml serve`` of the project's service on a free port: its base URL and pid."""
+def serving(model: str, extra_env: dict[str, str] | None = None, root: Path = ROOT) -> Iterator[tuple[str, int]]:
+    """A real ``bentoml serve`` of the service in ``root`` (this checkout) on a free port: its URL and pid."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = os.environ | {"EXTENDSERVE_MODEL_DIR": model} | (extra_env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "--port", str(port)], cwd=root, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -22,8 +22,7 @@ from typing import Annotated, Any
 import bentoml
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, Field
-from starlette.applications import Starlette
-from starlette.requests import Request
+from fastapi import FastAPI
 from starlette.responses import FileResponse, JSONResponse, Response
 
 try:
@@ -288,19 +287,37 @@ class Prediction(BaseModel):
 class Classification(BaseModel):
     predictions: list[Prediction]
 
-pages = Starlette()
+class Info(BaseModel):
+    """GET /info: which model this service serves, and how."""
+
+    model_tag: str | None = Field(description="the BentoML store tag served (None: a folder, EXTENDSERVE_MODEL_DIR)")
+    model_version: str | None
+    model_sha256: str
+    model_dir: str
+    pinned_copy: str
+    labels: list[str]
+    heads: list[dict[str, Any]]
+    backbone: dict[str, Any] = Field(description="the base classifier the heads sit beside")
+    preprocess: dict[str, Any]
+    verification: dict[str, Any]
+    opset: int | None
+    device: str
+    providers: list[str]
+    versions: dict[str, str]
 
 
-async def info(request: Request) -> Response:
-    return JSONResponse(bentoml.get_current_service().info_payload())
+# A FastAPI app, so that BentoML puts /info and /ui into the service's OpenAPI spec beside its APIs.
+pages = FastAPI(title="extendserve pages")
 
 
-async def ui(request: Request) -> Response:
+@pages.get("/info", response_model=Info)
+async def info() -> dict[str, Any]:
+    return bentoml.get_current_service().info_payload()
+
+
+@pages.get("/ui", response_class=FileResponse, responses={200: {"content": {"text/html": {}}}})
+async def ui() -> Response:
     return FileResponse(UI_PAGE, media_type="text/html")
-
-
-pages.add_route("/info", info, methods=["GET"])
-pages.add_route("/ui", ui, methods=["GET"])
 
 
 def _error(status: int, message: str) -> JSONResponse:

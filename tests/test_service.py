@@ -471,6 +471,9 @@ def test_malformed_forms_are_400_naming_the_field(server, path, fields, words):
 def test_swagger_at_root_and_typed_responses(server):
     status, page = server.get("/")
     assert status == 200 and b"swagger" in page.lower()
-    schemas = json.loads(server.get("/docs.json")[1])["components"]["schemas"]
+    spec = json.loads(server.get("/docs.json")[1])
+    assert "get" in spec["paths"]["/info"] and "get" in spec["paths"]["/ui"]
+    schemas = spec["components"]["schemas"]
+    assert "model_tag" in schemas["Info"]["properties"]
     assert set(schemas["Prediction"]["properties"]) == {"label", "index", "score", "head"}
     assert "predictions" in schemas["Classification"]["properties"]
