@@ -141,14 +141,14 @@ class HttpEdge:
             await send(msg)
 
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        if scope.get("path", "").rstrip("/") == "/classify" and (ctype.startswith(b"image/")
-                                                                 or ctype == b"application/octet-stream"):
-            return await self._raw_image(scope, counted, send, limit)
         path = scope.get("path", "").rstrip("/")
-        if ctype == b"multipart/form-data" and path in FORM_FIELDS:
+        raw = path == "/classify" and (ctype.startswith(b"image/") or ctype == b"application/octet-stream")
+        if raw or (ctype == b"multipart/form-data" and path in FORM_FIELDS):
             body = await _read_all(counted)
             if over:
                 return await self._refuse(send, seen, limit)
+            if raw:
+                return await self._raw_image(scope, body, receive, send)
             problem = form_problem(body, headers.get(b"content-type", b""), path)
             if problem:
                 return await _error(400, f"{path}: {problem}")(scope, receive, send)
@@ -161,31 +161,19 @@ class HttpEdge:
         if over and not started:
             await self._refuse(send, seen, limit)
 
-    async def _raw_image(self, scope: Any, receive: Any, send: Any, limit: int) -> None:
+    async def _raw_image(self, scope: Any, body: bytes, receive: Any, send: Any) -> None:
         """``POST /classify`` with the photo as the whole body (``curl --data-binary @photo.jpg -H
         'Content-Type: image/jpeg'``), ``top_k`` in the query string: what curl users expect and
         BentoML's multipart-only APIs do not take (bentoml/BentoML#4651, #5215)."""
         from urllib.parse import parse_qs
 
-        chunks, size = [], 0
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                if size > limit:
-                    return await self._refuse(send, size, limit)
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            if not msg.get("more_body"):
-                break
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        raw_k = query.get("top_k", ["5"])[-1]
-        svc = bentoml.get_current_service()
-        if not raw_k.isdigit():
-            out: Any = _error(400, f"top_k must be a whole number written in digits, such as 5, not {raw_k!r}")
-        else:
-            out = await svc.classify_bytes(b"".join(chunks), int(raw_k))
-        response = out if isinstance(out, Response) else JSONResponse(out)
+        raw_k = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("top_k", ["5"])[-1]
+        try:
+            top_k = int(_strict_int(raw_k))
+        except ValueError as e:
+            return await _error(400, str(e))(scope, receive, send)
+        out = await bentoml.get_current_service().classify_one(body, top_k)
+        response = out if isinstance(out, Response) else JSONResponse(out.model_dump())
         await response(scope, receive, send)
 
     @staticmethod
@@ -376,24 +364,19 @@ class Classifier:
                          "python": sys.version.split()[0]},
         }
 
-    async def _prepare(self, path: Path, name: str) -> np.ndarray:
-        size = path.stat().st_size
+    async def _prepare(self, photo: Path | bytes, name: str) -> np.ndarray:
+        """An uploaded file or a raw body -> the model's pixels, size-checked before it is read."""
+        size = len(photo) if isinstance(photo, bytes) else photo.stat().st_size
         if size > MAX_UPLOAD:
             raise _TooLarge(f"{name}: {size / 2**20:.1f} MB is over the {MAX_UPLOAD / 2**20:.0f} MB upload limit")
-        return await asyncio.to_thread(lambda: self.model.prepare(path.read_bytes(), name))
+        read = (lambda: photo) if isinstance(photo, bytes) else photo.read_bytes
+        return await asyncio.to_thread(lambda: self.model.prepare(read(), name))
 
-    async def classify_bytes(self, data: bytes, top_k: int) -> dict[str, Any] | JSONResponse:
-        """One photo sent as the raw request body."""
-        if not 1 <= top_k <= len(self.model.labels):
-            return _error(400, f"top_k must be between 1 and {len(self.model.labels)}, not {top_k}")
-        try:
-            pixels = await asyncio.to_thread(self.model.prepare, data, "image")
-        except BadImageError as e:
-            return _error(400, str(e))
-        row = await self.batcher.submit(pixels)
-        return {"predictions": [p.to_dict() for p in self.model.top_k(softmax(row[None]), top_k)[0]]}
+    async def classify_one(self, photo: Path | bytes, top_k: int) -> Classification | JSONResponse:
+        out = await self._classify([photo], top_k)
+        return out if isinstance(out, JSONResponse) else out[0]
 
-    async def _classify(self, paths: list[Path], top_k: int) -> list[Classification] | JSONResponse:
+    async def _classify(self, paths: list[Path | bytes], top_k: int) -> list[Classification] | JSONResponse:
         if not 1 <= top_k <= len(self.model.labels):
             return _error(400, f"top_k must be between 1 and {len(self.model.labels)}, not {top_k}")
         rows: list[np.ndarray] = []
@@ -415,8 +398,7 @@ class Classifier:
     @bentoml.api
     async def classify(self, image: Path, top_k: TopK = 5) -> Classification:
         """One photo (multipart field ``image``) -> its top-k labels, scores and heads."""
-        out = await self._classify([image], top_k)
-        return out if isinstance(out, JSONResponse) else out[0]  # type: ignore[return-value]
+        return await self.classify_one(image, top_k)  # type: ignore[return-value]
 
     @bentoml.api
     async def classify_batch(self, images: list[Path], top_k: TopK = 5) -> list[Classification]:

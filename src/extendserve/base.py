@@ -24,7 +24,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .config import PreprocessConfig, cache_root
-from .errors import ExtendserveError
+from .errors import BadImageError, ExtendserveError
+from .names import read_names
+from .preprocess import read_regular_file
 
 PIXELS = "pixels"
 TORCHVISION = {"resize": 256, "crop": 224, "interpolation": "bilinear",
@@ -65,6 +67,16 @@ class Base:
     @property
     def opset(self) -> int:
         return next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 17)
+
+    def head_input(self, top_k: int) -> str:
+        """The tensor a head reads: the features, or for a head with a fine-tuned copy of the top
+        ``top_k`` blocks, the activation entering the first of them."""
+        if not top_k:
+            return FEATURES
+        if self.backbone is None:
+            raise ExtendserveError("a head trained with --unfreeze-top needs the built-in backbone it was "
+                                   "fine-tuned from; build with --backbone, not --base")
+        return self.taps[len(self.backbone._blocks) - top_k]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "digest": self.digest, "source": self.source, "input": self.input_name,
@@ -276,10 +288,7 @@ def preprocess_from_file(path: str | os.PathLike[str] | None, size: int | None) 
 
 def _labels(path: str | os.PathLike[str] | None, model: onnx.ModelProto, k: int, where: str) -> list[str]:
     if path is not None:
-        from .preprocess import read_regular_file
-
-        labels = [ln.strip() for ln in read_regular_file(path, 64 * 1024**2, "label list").decode("utf-8").splitlines()
-                  if ln.strip()]
+        labels = read_names(path, "label list")
         source = f"--labels {path}"
     else:
         meta = {p.key: p.value for p in model.metadata_props}
@@ -291,8 +300,7 @@ def _labels(path: str | os.PathLike[str] | None, model: onnx.ModelProto, k: int,
         labels = labels or [f"class_{i}" for i in range(k)]
     if len(labels) != k:
         raise ExtendserveError(f"{source}: {len(labels)} labels for a classifier of {k} classes; give one a line")
-    bad = [n for n in labels if not n.strip()]
-    if bad:
+    if any(not n.strip() for n in labels):
         raise ExtendserveError(f"{source}: empty labels; give one name a line")
     return labels
 
@@ -300,9 +308,6 @@ def _labels(path: str | os.PathLike[str] | None, model: onnx.ModelProto, k: int,
 def load_base(path: str | os.PathLike[str], preprocess: str | os.PathLike[str] | None = None,
               labels: str | os.PathLike[str] | None = None) -> Base:
     """``--base FILE.onnx``: any ImageNet-style classifier exported to ONNX."""
-    from .preprocess import read_regular_file
-    from .errors import BadImageError
-
     where = str(path)
     try:
         data = read_regular_file(path, 4 * 1024**3, "ONNX model")

@@ -47,13 +47,14 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     ds = scan_folder(a.data)
     from .names import check_class_names
 
+    where = f"{a.data} (class folder names)"
     if not a.base:  # the built-in labels are known before any weights load
         from .backbone import get_spec
 
-        check_class_names(ds.classes, f"{a.data} (class folder names)", taken=get_spec(a.backbone).labels,
-                          taken_by=f"backbone {a.backbone}")
+        check_class_names(ds.classes, where, taken=get_spec(a.backbone).labels, taken_by=f"backbone {a.backbone}")
     base = base_from_args(a)
-    check_class_names(ds.classes, f"{a.data} (class folder names)", taken=base.labels, taken_by=f"base {base.name}")
+    if a.base:  # a foreign base's labels are known once its file is read
+        check_class_names(ds.classes, where, taken=base.labels, taken_by=f"base {base.name}")
     check_unfreeze_options(a, len(base.backbone._blocks) if base.backbone is not None else 0)
     skipped = list(ds.skipped)
     fx = FeatureExtractor(base)

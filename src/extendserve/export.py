@@ -18,11 +18,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .base import PIXELS, Base
+from .base import FEATURES, PIXELS, Base
 from .errors import BuildError, ExtendserveError
 from .head import Head
 from .merge import OUTPUT, merged_model, metadata
 from .names import check_class_names
+from .runtime import make_session
+from .scoring import HeadGraph, unfrozen
 
 # ONNX vs torch, relative to each photo's largest |logit| (at least 1): onnxruntime picks other
 # kernels on other CPU kinds, so an absolute bound on float32 logits is machine luck, not a check.
@@ -60,21 +62,17 @@ def verify(onnx_bytes: bytes, base: Base, heads: Sequence[Head], inputs: np.ndar
     original torch model for a built-in base (relative), and each head's torch scorer on the
     base's own features (relative); plus the decisions a user sees: the same top-1 and the same
     new-class-or-not answer wherever the reference is not a tie within the tolerance."""
-    from .runtime import make_session
-    from .scoring import HeadGraph, unfrozen
-
     got = make_session(onnx_bytes, "cpu").run([OUTPUT], {PIXELS: inputs})[0]
     k = len(base.labels)
-    blocks = len(base.backbone._blocks) if base.backbone is not None else 0
-    taps = sorted({base.taps[blocks - unfrozen(h)] for h in heads if unfrozen(h)})
+    sources = [base.head_input(unfrozen(h)) for h in heads]
+    taps = sorted(set(sources) - {FEATURES})
     ref = make_session(base.adapted(["logits", "features", *taps]).SerializeToString(), "cpu").run(
         None, {PIXELS: inputs})
-    old, feats = ref[0].astype(np.float32), ref[1]
-    tapped = dict(zip(taps, ref[2:]))
+    old = ref[0].astype(np.float32)
+    given = dict(zip([FEATURES, *taps], ref[1:]))  # what each head reads, as the base computed it
     with torch.no_grad():
-        news = [HeadGraph(h, base.backbone)(torch.from_numpy(tapped[base.taps[blocks - unfrozen(h)]] if unfrozen(h)
-                                                             else feats), torch.from_numpy(old)).numpy()
-                for h in heads]
+        news = [HeadGraph(h, base.backbone)(torch.from_numpy(given[src]), torch.from_numpy(old)).numpy()
+                for h, src in zip(heads, sources)]
     want = np.concatenate([old, *news], axis=1)
     scale = np.maximum(1.0, np.abs(want).max(1))  # per photo: the size of its logits
     base_diff = float(np.abs(got[:, :k] - old).max())

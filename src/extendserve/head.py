@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 
-from .errors import BadImageError, ExtendserveError, HeadFileError
+from .errors import ExtendserveError, HeadFileError
 from .checkpoint import safe_load
-from .names import check_class_names
-from .preprocess import read_regular_file
+from .names import check_class_names, read_names
 
 FORMAT = "extendserve-head"
 VERSION = 1
@@ -131,10 +130,9 @@ def _find_linear(state: dict[str, Any], path: Path) -> tuple[torch.Tensor, torch
 
 def read_classes_file(path: str | os.PathLike[str]) -> list[str]:
     try:
-        lines = read_regular_file(path, 64 * 1024**2, "class list").decode("utf-8").splitlines()
-    except (BadImageError, UnicodeDecodeError) as e:
-        raise HeadFileError(f"{path}: cannot read the class list ({e})") from None
-    return [ln.strip() for ln in lines if ln.strip()]
+        return read_names(path, "class list")
+    except ExtendserveError as e:
+        raise HeadFileError(str(e)) from None
 
 
 def load_head(

@@ -37,17 +37,15 @@ def _tap_shape(base: Base, tensor: str) -> tuple[int, ...]:
 
 def merged_model(base: Base, heads: Sequence[Head], metadata: dict[str, str] | None = None) -> onnx.ModelProto:
     """One ONNX model: the adapted base and every head wired to it, outputs concatenated."""
-    taps = {base.taps[len(base.backbone._blocks) - unfrozen(h)] for h in heads if unfrozen(h)} if base.taps else set()
-    model = base.adapted(["logits", "features", *sorted(taps)])
+    sources = [base.head_input(unfrozen(h)) for h in heads]
+    model = base.adapted(["logits", "features", *sorted(set(sources) - {FEATURES})])
     g = model.graph
     del g.output[:]
     old = "extendserve/old_logits"
     g.node.append(helper.make_node("Cast", [base.logits], [old], to=TensorProto.FLOAT, name="extendserve/old_logits"))
     outs = [old]
-    for i, h in enumerate(heads):
-        k = unfrozen(h)
-        source = base.taps[len(base.backbone._blocks) - k] if k else FEATURES
-        shape = _tap_shape(base, source) if k else (base.feature_dim,)
+    for i, (h, source) in enumerate(zip(heads, sources)):
+        shape = _tap_shape(base, source) if source != FEATURES else (base.feature_dim,)
         sub = head_graph(h, base.backbone, shape, len(base.labels), base.opset).graph
         prefix = f"head{i}/"
         wiring = {"features": source, "old_logits": old}

@@ -3,11 +3,13 @@ picks a class by its name, so each must be visible, one line, and unique in its 
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from collections import Counter
 from typing import Iterable, Sequence
 
-from .errors import ExtendserveError
+from .errors import BadImageError, ExtendserveError
+from .preprocess import read_regular_file
 
 MAX_NAME_CHARS = 200
 # Cc: control (NUL, newline, ESC), Cf: format (bidi overrides, zero-width), Cs/Co/Cn: surrogates,
@@ -47,3 +49,12 @@ def check_class_names(names: Sequence[str], where: str, taken: Iterable[str] = (
     if clash:
         raise ExtendserveError(f"{where}: class names {clash[:10]} are already classes of {taken_by}; a user could "
                                "not tell the two apart. Rename them, for example 'tench (mine)'")
+
+
+def read_names(path: str | os.PathLike[str], what: str = "class list") -> list[str]:
+    """A file of names, one a line (blank lines skipped, spaces around a name dropped)."""
+    try:
+        lines = read_regular_file(path, 64 * 1024**2, what).decode("utf-8").splitlines()
+    except (BadImageError, UnicodeDecodeError) as e:
+        raise ExtendserveError(f"{path}: cannot read the {what} ({e})") from None
+    return [ln.strip() for ln in lines if ln.strip()]

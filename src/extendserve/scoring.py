@@ -135,10 +135,10 @@ class HeadGraph(nn.Module):
     def __init__(self, head: Head, backbone: EfficientNetLite | None):
         super().__init__()
         self.scorer = scorer(head)
-        self.top = top_from_head(backbone, head) if unfrozen(head) else None
         if unfrozen(head) and backbone is None:
             raise HeadFileError(f"{head.source or head.name}: trained with --unfreeze-top, which needs the "
                                 "built-in backbone it was fine-tuned from; build with --backbone, not --base")
+        self.top = top_from_head(backbone, head) if unfrozen(head) else None
 
     def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
         own = self.top(feats) if self.top is not None else feats  # feats: the tap, for a top copy
