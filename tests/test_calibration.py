@@ -24,7 +24,7 @@ def test_gated_formula_places_new_classes_by_gate():
     feats = np.stack([centres[i % 2] + rng.normal(0, 0.05, (12, d)) for i in range(16)]).astype(np.float32)
     labels = np.arange(16) % 2
     bb = builtin_base(load_backbone())
-    head, _ = train_head(bb, feats, labels, ["a", "b"], TrainSettings(epochs=50, holdout=0))
+    head, _ = train_head(bb, feats, labels, ["a", "b"], TrainSettings(method="gated", epochs=50, holdout=0))
     inside = score_features(bb, head, feats[:4, 0])
     assert (inside.argmax(1) == labels[:4] + 1000).all()
     outside = score_features(bb, head, rng.uniform(0, 3, (8, d)).astype(np.float32))
@@ -70,7 +70,7 @@ def test_mahalanobis_metric_is_the_shrunk_covariance_distance():
 def test_cosine_gate_survives_export(synthetic_data, tmp_path):
     """The default (mahalanobis) head's export parity is in test_pipeline; the cosine gate's here."""
     head = tmp_path / "cos.pt"
-    run_cli("train-head", str(synthetic_data), "-o", str(head), "--gate", "cosine", "--holdout", "0")
+    run_cli("train-head", str(synthetic_data), "-o", str(head), "--method", "gated", "--gate", "cosine", "--holdout", "0")
     assert "prototypes" in load_head(head).extras
     run_cli("build", "--new-head", str(head), "-o", str(tmp_path / "m"))
     model = Model(tmp_path / "m")
@@ -116,11 +116,11 @@ def test_shared_celebrities_beat_naive_by_far(tmp_path):
     fixed_split(tmp_path)
     train, held = tmp_path / "train", tmp_path / "held"
     results = {}
-    for method in ("naive", "gated"):
+    for method in ("naive", "calibrated"):
         run_cli("train-head", str(train), "-o", str(tmp_path / f"{method}.pt"), "--method", method, "--holdout", "0")
         run_cli("build", "--new-head", str(tmp_path / f"{method}.pt"), "-o", str(tmp_path / method))
         results[method] = evaluate(tmp_path / method, held)
-    naive, gated = results["naive"], results["gated"]
+    naive, gated = results["naive"], results["calibrated"]
     assert gated["new"]["accuracy"] >= naive["new"]["accuracy"] + 0.5
     assert gated["imagenet"]["stolen"] <= 0.02
     assert gated["imagenet"]["top1_after"] >= gated["imagenet"]["top1_before"] - 0.02

@@ -22,7 +22,7 @@ def test_train_head_reports_and_writes_plain_data(synthetic_data, synthetic_head
     assert obj["classes"] == ["blue stripes", "red discs"]
     assert obj["weight"].shape == (2, 1280) and obj["bias"].shape == (2,)
     assert obj["feature_dim"] == 1280 and obj["backbone"] == "efficientnet_lite0"
-    assert len(obj["backbone_digest"]) == 64 and obj["method"] == "gated"
+    assert len(obj["backbone_digest"]) == 64 and obj["method"] == "calibrated"
     r = run_cli("train-head", str(synthetic_data), "-o", str(synthetic_head.with_name("again.pt")))
     assert "broken.jpg" in r.stderr and "notes.txt" in r.stderr  # reported, not fatal
     assert "6  blue stripes" in r.stdout and "6  red discs" in r.stdout

@@ -70,6 +70,16 @@ def cmd_train_head(a: argparse.Namespace) -> int:
             raise ExtendserveError(f"--negatives {a.negatives}: not a folder with photos")
         neg, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
         err(f"negatives: {len(neg)} photos ({nhits} cached)")
+    from .world import background_for
+
+    world = background_for(base, None if neg is None else neg[:, 0])  # judged against it, whatever the method
+    if a.method == "calibrated":
+        if world is None:
+            err("WARNING: no background for this base: the head cannot be judged against anything the base "
+                "knows, so its gate comes from the new photos alone and it may take photos of other kinds. "
+                "Give photos of everyday things that are none of the new classes with --negatives DIR")
+        else:
+            err(f"background: {world.source} ({len(world)} photos)")
     settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, holdout=a.holdout,
                              augment=not a.no_augment, gate=a.gate, gate_quantile=a.gate_quantile,
                              gate_scale=a.gate_scale, gate_shrinkage=a.gate_shrinkage)
@@ -79,11 +89,12 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         head, report = train_unfrozen(base, [ds.files[i] for i in ok], feats, labels, ds.classes, settings,
                                       a.unfreeze_top, a.freeze or ())
     else:
-        head, report = train_head(base, feats, labels, ds.classes, settings, negatives=neg)
+        head, report = train_head(base, feats, labels, ds.classes, settings, negatives=neg, background=world)
     head.name = a.name or out.stem
     head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
                           "negatives": None if neg is None else int(len(neg)), **weights_settings(a),
-                          "base_model": base.describe() | {"preprocess": base.preprocess.to_dict()}})
+                          "base_model": base.describe() | {"preprocess": base.preprocess.to_dict()},
+                          "heldout": report.heldout})
     head.save(out)
     print(f"classes ({len(ds.classes)}), photos used per class:")
     for c, n in report.counts.items():
@@ -92,11 +103,25 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         h = report.heldout
         print(f"held-out accuracy: {h['accuracy']:.3f} on {h['photos']} photos "
               f"(top-1 among all {len(base.labels) + len(ds.classes)} classes; seed {a.seed})")
+        if "background_taken" in h:
+            print(f"background taken: {h['background_taken']:.1%} of {h['background_photos']} held-out background "
+                  "photos named as a new class (the head of this check was fitted on the other half)")
     else:
         print("held-out accuracy: not measured (needs at least 5 photos in every class)")
+    warn_if_takes_world(report.heldout.get("background_taken") if report.heldout else None, "held-out")
     print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
     print(f"wrote {out} (head {head.name!r}, method {head.method}, base {head.backbone})")
     return 0
+
+
+TAKEN_LIMIT = 0.01  # above this share of background photos taken, a head is reported as taking the world
+
+
+def warn_if_takes_world(taken: float | None, what: str) -> None:
+    if taken is not None and taken > TAKEN_LIMIT:
+        err(f"WARNING: this head names {taken:.1%} of {what} background photos (none of its classes) as one of "
+            f"its classes, over the {TAKEN_LIMIT:.0%} it should; narrow the classes (one kind of thing each), add "
+            "more photos per class, or give photos it must not take with --negatives DIR")
 
 
 def check_gate_options(a: argparse.Namespace) -> None:
@@ -118,7 +143,7 @@ def check_unfreeze_options(a: argparse.Namespace, blocks: int) -> None:
         raise ExtendserveError("--freeze narrows what --unfreeze-top K fine-tunes; give --unfreeze-top too")
     if a.unfreeze_top and (a.negatives or a.method != "gated"):
         raise ExtendserveError("--unfreeze-top trains the gated head without --negatives (for now); "
-                               "drop --negatives / --method")
+                               "give --method gated and drop --negatives")
 
 
 # --------------------------------------------------------------------------- build
@@ -189,6 +214,15 @@ def cmd_build(a: argparse.Namespace) -> int:
                   if "imagenet_max_rel_diff" in v else "")
     print(f"verified on {v['inputs']} inputs: base logits vs the base alone {same}{torch_line}; new logits "
           f"{v['new_max_rel_diff']:.1e} (tolerance {v['tolerance']:.0e}); top-1 and new-class decisions identical")
+    for h in manifest["heads"][1:]:
+        if h.get("background_taken") is None:
+            print(f"head {h['name']}: share of the base's background taken not measured "
+                  f"({'no background for this base' if not h.get('background') else 'fine-tuned top'})")
+            continue
+        held = (h.get("heldout") or {}).get("background_taken")
+        print(f"head {h['name']}: names {h['background_taken']:.1%} of the base's {h['background'].split(':')[0]} "
+              "as its classes" + (f" (held-out estimate at train-head: {held:.1%})" if held is not None else ""))
+        warn_if_takes_world(max(h["background_taken"], held or 0.0), "the")
     if before:
         print(f"replaced {a.output}: {before} -> {describe_model(manifest)}")
     save_and_say(a, name)
@@ -391,10 +425,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", required=True, help="head file to write (.pt)")
     t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES)
     t.add_argument("--name", help="head name shown with predictions (default: the file's stem)")
-    t.add_argument("--method", default="gated", choices=["gated", "joint", "naive"],
-                   help="gated: calibrated (default); joint: rows trained in the joint softmax with the base's classes; "
-                        "naive: an N-way head on its own (for comparison)")
-    t.add_argument("--negatives", help="folder of photos that are none of the new classes (optional)")
+    t.add_argument("--method", default="calibrated", choices=["calibrated", "gated", "joint", "naive"],
+                   help="calibrated: one probability model with the base's classes, judged against the base's "
+                        "background (default); gated: the earlier gate fitted on the new photos alone; joint: rows "
+                        "trained in the joint softmax with the base's classes; naive: an N-way head on its own")
+    t.add_argument("--negatives", help="folder of photos that are none of the new classes: added to the base's "
+                                       "background (a base without one, --base FILE, needs them for a safe head)")
     t.add_argument("--epochs", type=int, default=300, help="full-batch optimiser steps")
     t.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     t.add_argument("--weight-decay", type=float, default=1e-3, help="L2 penalty on the head's rows")

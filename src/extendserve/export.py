@@ -21,10 +21,12 @@ from . import __version__
 from .base import FEATURES, PIXELS, Base
 from .errors import BuildError, ExtendserveError
 from .head import Head
-from .merge import OUTPUT, merged_model, metadata
+from .merge import OUTPUT, SCORES, merged_model, metadata
 from .names import check_class_names
 from .runtime import make_session
 from .scoring import HeadGraph, unfrozen
+from .train import taken_share
+from .world import background_for
 
 # ONNX vs torch, relative to each photo's largest |logit| (at least 1): onnxruntime picks other
 # kernels on other CPU kinds, so an absolute bound on float32 logits is machine luck, not a check.
@@ -57,12 +59,17 @@ def _decisions_agree(got: np.ndarray, want: np.ndarray, split: int, tol: np.ndar
     return top, float(wins[clear].mean()) if clear.any() else 1.0
 
 
+def _softmax64(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x.astype(np.float64) - x.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def verify(onnx_bytes: bytes, base: Base, heads: Sequence[Head], inputs: np.ndarray) -> dict[str, Any]:
     """The merged model in onnxruntime against: the base alone (its columns, exactly), the
     original torch model for a built-in base (relative), and each head's torch scorer on the
     base's own features (relative); plus the decisions a user sees: the same top-1 and the same
     new-class-or-not answer wherever the reference is not a tie within the tolerance."""
-    got = make_session(onnx_bytes, "cpu").run([OUTPUT], {PIXELS: inputs})[0]
+    got, got_scores = make_session(onnx_bytes, "cpu").run([OUTPUT, SCORES], {PIXELS: inputs})
     k = len(base.labels)
     sources = [base.head_input(unfrozen(h)) for h in heads]
     taps = sorted(set(sources) - {FEATURES})
@@ -78,12 +85,19 @@ def verify(onnx_bytes: bytes, base: Base, heads: Sequence[Head], inputs: np.ndar
     base_diff = float(np.abs(got[:, :k] - old).max())
     new_rel = float((np.abs(got[:, k:] - want[:, k:]).max(1) / scale).max()) if heads else 0.0
     top_agree, gate_agree = _decisions_agree(got, want, k, PARITY_RTOL * scale)
+    # scores: the graph's softmax of its own (verified) logits, and close to the reference's softmax
+    # within what the logits' tolerance allows (a probability moves at most as far as its logits)
+    own = _softmax64(got)
+    scores_self = float(np.abs(got_scores - own).max())
+    scores_ref = float(np.abs(got_scores - _softmax64(want)).max())
     check: dict[str, Any] = {
         "inputs": int(len(inputs)),
         "base_max_abs_diff": base_diff,
         "base_identical": base_diff == 0.0,
         "new_max_abs_diff": float(np.abs(got[:, k:] - want[:, k:]).max()) if heads else 0.0,
         "new_max_rel_diff": new_rel,
+        "scores_vs_softmax_of_logits": scores_self,
+        "scores_max_abs_diff": scores_ref,
         "top1_agreement": top_agree,
         "new_class_decision_agreement": gate_agree,
         "tolerance": PARITY_RTOL,
@@ -92,6 +106,7 @@ def verify(onnx_bytes: bytes, base: Base, heads: Sequence[Head], inputs: np.ndar
                    "features (new columns)",
     }
     ok = got.shape == want.shape and new_rel <= PARITY_RTOL and top_agree == 1.0 and gate_agree == 1.0
+    ok = ok and got_scores.shape == got.shape and scores_self <= 1e-5 and scores_ref <= 2 * PARITY_RTOL * float(scale.max())
     ok = ok and base_diff / float(np.abs(old).max() or 1.0) <= PARITY_RTOL
     if base.backbone is not None:  # a built-in base: its export against the original torch model
         from .backbone import InputAdapter
@@ -136,6 +151,12 @@ def build_model(
                            "digest": h.digest(), "method": h.method, "classes": h.classes,
                            "settings": h.settings})
         offset += len(h.classes)
+    world = background_for(base)
+    for meta, h in zip(heads_meta[1:], heads):
+        meta["background"] = world.source if world is not None else None
+        meta["background_taken"] = (None if world is None or unfrozen(h)
+                                    else taken_share(base, h, world.features))
+        meta["heldout"] = h.settings.get("heldout")
     pre = base.preprocess.to_dict()
     model = merged_model(base, heads, metadata(labels, pre, heads_meta, base, f"extendserve {__version__}"))
     onnx_bytes = model.SerializeToString()

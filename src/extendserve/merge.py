@@ -3,6 +3,7 @@
     pixels (uint8 [B, crop, crop, 3]) -> normalisation -> base graph -> base logits [B, K]
                                                          \\-> features -> head A, head B, ...
     logits = concat(base logits, head A, head B, ...)      [B, K + N]
+    scores = softmax(logits)                                [B, K + N]
 
 The base's own nodes compute the first K outputs exactly as the base alone does; each head's
 graph (exported from its torch scorer, :mod:`scoring`) reads the base's feature tensor and its
@@ -22,6 +23,7 @@ from .head import Head
 from .scoring import head_graph, unfrozen
 
 OUTPUT = "logits"
+SCORES = "scores"  # softmax over all K + N outputs: what the service serves (see calibrated)
 
 
 def _tap_shape(base: Base, tensor: str) -> tuple[int, ...]:
@@ -66,6 +68,8 @@ def merged_model(base: Base, heads: Sequence[Head], metadata: dict[str, str] | N
     total = len(base.labels) + sum(len(h.classes) for h in heads)
     g.node.append(helper.make_node("Concat", outs, [OUTPUT], axis=1, name="extendserve/concat"))
     g.output.append(helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", total]))
+    g.node.append(helper.make_node("Softmax", [OUTPUT], [SCORES], axis=1, name="extendserve/scores"))
+    g.output.append(helper.make_tensor_value_info(SCORES, TensorProto.FLOAT, ["batch", total]))
     for key, value in (metadata or {}).items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

@@ -141,6 +141,8 @@ class Model:
             raise ExtendserveError(f"{self.dir}: model.onnx gives {width} outputs but the manifest has "
                                    f"{len(self.labels)} labels; rebuild the model")
         self.device = active_device(self.session)
+        # models built before the scores output: the same softmax, in numpy
+        self.has_scores = "scores" in [o.name for o in self.session.get_outputs()]
 
     def warm_up(self, batches: Sequence[int] = (1, 8)) -> None:
         """Run the shapes serving will see once, so the first real request pays no set-up
@@ -148,20 +150,28 @@ class Model:
         commands such as ``predict`` do not need it."""
         c = self.preprocess.crop
         for b in batches:
-            self.run(np.zeros((b, c, c, 3), np.uint8))
+            self.probabilities(np.zeros((b, c, c, 3), np.uint8))
 
-    def run(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [B, crop, crop, 3] -> logits [B, K + N] (K: the base's own classes)."""
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [B, crop, crop, 3] -> scores [B, K + N]: the graph's own softmax over all outputs
+        (one probability model for old and new classes, see extendserve.calibrated)."""
+        if self.has_scores:
+            return self.run(pixels, "scores")
+        return softmax(self.run(pixels))
+
+    def run(self, pixels: np.ndarray, output: str = "logits") -> np.ndarray:
+        """uint8 [B, crop, crop, 3] -> ``output`` [B, K + N]: logits (K: the base's own classes,
+        exactly the base's) or scores."""
         if self.device == "cuda":
             # IO binding: the uint8 batch (4x smaller than floats) is copied to the GPU once and
             # the logits come back once, with no intermediate host copies. Unverified: no GPU was
             # available when this was written.
             binding = self.session.io_binding()
             binding.bind_cpu_input(self.input_name, np.ascontiguousarray(pixels))
-            binding.bind_output("logits")
+            binding.bind_output(output)
             self.session.run_with_iobinding(binding)
             return binding.copy_outputs_to_cpu()[0]
-        return self.session.run(["logits"], {self.input_name: pixels})[0]
+        return self.session.run([output], {self.input_name: pixels})[0]
 
     def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
         k = max(1, min(int(k), probs.shape[1]))
@@ -174,11 +184,12 @@ class Model:
     def prepare(self, data: bytes, source: str = "image") -> np.ndarray:
         return prepare(data, self.preprocess, source)
 
-    def logits(self, pixels: np.ndarray, batch: int = 32) -> np.ndarray:
-        """Any number of photos, run ``batch`` at a time."""
+    def logits(self, pixels: np.ndarray, batch: int = 32, scores: bool = False) -> np.ndarray:
+        """Any number of photos, run ``batch`` at a time (``scores``: probabilities, not logits)."""
         if not len(pixels):
             return np.zeros((0, len(self.labels)), np.float32)
-        return np.concatenate([self.run(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
+        step = self.probabilities if scores else self.run
+        return np.concatenate([step(pixels[i : i + batch]) for i in range(0, len(pixels), batch)])
 
     def load_files(self, paths: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, list[int], dict[int, str]]:
         """The readable photos' pixels, their positions in ``paths``, and why the others failed."""
@@ -200,7 +211,7 @@ class Model:
         pixels, ok, errors = self.load_files(paths)
         for i, msg in errors.items():
             results[i]["error"] = msg
-        for i, row in zip(ok, self.top_k(softmax(self.logits(pixels)), k)):
+        for i, row in zip(ok, self.top_k(self.logits(pixels, scores=True), k)):
             results[i]["predictions"] = [x.to_dict() for x in row]
         return results
 

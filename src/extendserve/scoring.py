@@ -3,6 +3,8 @@ logits) into its classes' logits, as a torch module, and that module exported as
 small ONNX graph, which :mod:`merge` wires beside the untouched base graph.
 
 - ``joint`` (also ``naive``): the linear rows, as they are.
+- ``calibrated`` (the default): see :mod:`calibrated`: LSE(base logits) + h_k, so the softmax
+  over all outputs is one probability model for old and new classes.
 - ``gated``: see :mod:`calibrate`: max(base logits) + scale * gate margin + (ranker - max ranker).
 - a head trained with ``--unfreeze-top K`` starts from the activation entering block ``n - K`` of
   the built-in backbone and brings its own fine-tuned copy of the top blocks (:class:`TopCopy`).
@@ -11,6 +13,7 @@ small ONNX graph, which :mod:`merge` wires beside the untouched base graph.
 from __future__ import annotations
 
 import copy
+import math
 
 import onnx
 import torch
@@ -67,10 +70,7 @@ class GatedScorer(nn.Module):
         unit = feats / feats.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if not self.mahalanobis:
             return (unit @ self.prototypes.T - self.thresholds).amax(dim=1, keepdim=True)
-        z = unit[:, None, :] - self.means[None]  # [B, n, D]
-        proj = z @ self.basis
-        rest = z - proj @ self.basis.T  # non-negative terms only: see Metric.distances
-        dist = ((rest * rest).sum(-1) + (proj * proj * (1 - self.basis_weights)).sum(-1)) / self.sigma
+        dist = _distances(unit, self.means, self.basis, self.basis_weights, self.sigma)
         return (1 - dist / self.thresholds).amax(dim=1, keepdim=True)
 
     def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
@@ -79,12 +79,74 @@ class GatedScorer(nn.Module):
         return top + self.scale * self.gate(feats) + (r - r.amax(dim=1, keepdim=True))
 
 
+def _distances(unit: torch.Tensor, means: torch.Tensor, basis: torch.Tensor, weights: torch.Tensor,
+               sigma: torch.Tensor) -> torch.Tensor:
+    """[B, D] unit features -> [B, n] shrunk-covariance Mahalanobis distances (calibrate.Metric)."""
+    z = unit[:, None, :] - means[None]
+    proj = z @ basis
+    rest = z - proj @ basis.T  # non-negative terms only: see Metric.distances
+    return ((rest * rest).sum(-1) + (proj * proj * (1 - weights)).sum(-1)) / sigma
+
+
+# Below odds of 1e-3 a new class is taken not to apply: its log-odds drop by FLOOR_DROP there, so a
+# photo of something else gets the base's own scores to within 1e-6, not merely to within 0.1%. No
+# top-1 changes: a new class wins only with odds above p_base(top) >= 1/K, which is >= 1e-3 for K <= 1000.
+FLOOR = math.log(1e-3)
+FLOOR_DROP = 30.0
+
+
+class CalibratedScorer(nn.Module):
+    """The in-graph half of :mod:`calibrated`: new logit k = LSE(base logits) + h_k, with h_k the
+    weighted evidence (class distance, ranker, world distance, base confidence) plus offset."""
+
+    def __init__(self, head: Head):
+        super().__init__()
+        ex = head.extras
+        n, d = head.weight.shape
+        r = ex["basis"].shape[-1] if "basis" in ex and ex["basis"].ndim == 2 else 0
+        shapes = {"means": (n, d), "basis": (d, r), "basis_weights": (r,), "sigma": (1,), "power": (1,),
+                  "coef": (4,), "offset": (1,)}
+        self.world = "world_mean" in ex
+        if self.world:
+            rw = ex["world_basis"].shape[-1] if ex["world_basis"].ndim == 2 else 0
+            shapes |= {"world_mean": (1, d), "world_basis": (d, rw), "world_basis_weights": (rw,), "world_sigma": (1,)}
+        for key, shape in shapes.items():
+            if key not in ex or tuple(ex[key].shape) != shape or not bool(torch.isfinite(ex[key]).all()):
+                raise HeadFileError(f"{head.source or head.name}: calibrated head lacks a valid {key!r} {shape}; retrain it")
+        if not (float(ex["sigma"]) > 0 and (not self.world or float(ex["world_sigma"]) > 0) and 0 < float(ex["power"]) <= 1):
+            raise HeadFileError(f"{head.source or head.name}: calibrated head has a non-positive sigma or a power "
+                                "outside (0, 1]; retrain it")
+        self.p = float(ex["power"])
+        self.ranker = nn.Linear(d, n)
+        with torch.no_grad():
+            self.ranker.weight.copy_(head.weight)
+            self.ranker.bias.copy_(head.bias)
+        for key in shapes:
+            if key != "power":
+                self.register_buffer(key, ex[key].float())
+
+    def forward(self, feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+        x = feats.clamp_min(0).pow(self.p) if self.p != 1 else feats
+        unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        d = _distances(unit, self.means, self.basis, self.basis_weights, self.sigma)
+        r = self.ranker(unit)
+        lse = torch.logsumexp(old_logits, dim=1, keepdim=True)
+        conf = old_logits.amax(dim=1, keepdim=True) - lse
+        c = self.coef
+        h = -c[0] * d + c[1] * (r - r.amax(dim=1, keepdim=True)) + c[3] * conf + self.offset
+        if self.world:
+            h = h + c[2] * _distances(unit, self.world_mean, self.world_basis, self.world_basis_weights, self.world_sigma)
+        return lse + h - FLOOR_DROP * (h < FLOOR).to(h.dtype)
+
+
 def scorer(head: Head) -> nn.Module:
     """(features [B, D], base logits [B, K]) -> the head's logits [B, N]."""
     if head.method == "joint":
         return LinearScorer(head.weight, head.bias).eval()
     if head.method == "gated":
         return GatedScorer(head).eval()
+    if head.method == "calibrated":
+        return CalibratedScorer(head).eval()
     raise HeadFileError(f"{head.source or head.name}: unknown head method {head.method!r}")
 
 

@@ -11,16 +11,18 @@ import torch
 
 from .base import Base
 from .calibrate import fit_gated
+from .calibrated import fit_calibrated
 from .config import GATES
 from .errors import ExtendserveError
 from .fit import fit_joint, fit_softmax
 from .head import Head
 from .scoring import scorer
+from .world import Background
 
 
 @dataclass
 class TrainSettings:
-    method: str = "gated"  # gated (calibrated, the default) | joint (issue-2 baseline) | naive
+    method: str = "calibrated"  # calibrated (the default) | gated (positives-only gate) | joint | naive
     epochs: int = 300
     lr: float = 0.01
     weight_decay: float = 1e-3  # chosen over 8 random 4-per-person splits of the shared celebrities
@@ -33,6 +35,13 @@ class TrainSettings:
     gate_shrinkage: float = 0.8  # mahalanobis: weight of the isotropic part of the covariance
     gate_rank: int = 256  # mahalanobis: covariance eigenvectors kept (the rest count as isotropic)
     gate_folds: int = 5  # mahalanobis: folds for the out-of-sample positives' distances
+    ranker_c: float = 100.0  # calibrated: inverse L2 strength of the ranker on unit features
+    tukey: float = 0.5  # calibrated: power transform of non-negative features (1: none)
+    world_shrinkage: float = 0.5  # calibrated: covariance shrinkage of the background's Gaussian
+    calibration_l2: float = 1e-3  # calibrated: L2 on the four evidence weights
+    max_taken: float = 0.005  # calibrated: share of background photos a new class may take (half the
+    # 1% asked for: the 99th percentile of 200 photos is two photos, and unseen photos spread wider)
+    taken_margin: float = 0.5  # calibrated: logits below that bound, for photos the background lacks
     finetune_lr: float = 1e-4  # --unfreeze-top: Adam step for the copied top blocks
     finetune_epochs: int = 8  # --unfreeze-top: passes over every training view
 
@@ -79,8 +88,12 @@ def classifier(base: Base) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
-        s: TrainSettings, label: str = "training", negatives: np.ndarray | None = None) -> Head:
-    """One head by ``s.method``; the merged model scores it as the method says."""
+        s: TrainSettings, label: str = "training", negatives: np.ndarray | None = None,
+        background: Background | None = None) -> Head:
+    """One head by ``s.method``; the merged model scores it as the method says. ``background``
+    (the base's world, :mod:`world`) is what the calibrated head is judged against."""
+    if s.method == "calibrated":
+        return fit_calibrated(base, feats, labels, classes, s, background, label)
     common = dict(classes=list(classes), backbone=base.name, backbone_digest=base.digest,
                   settings=s.to_dict())
     if s.method == "joint":
@@ -91,7 +104,7 @@ def fit(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
         return Head(weight=w, bias=b, method="joint", **common)
     if s.method == "gated":
         return fit_gated(base, feats, labels, classes, s, label, negatives)
-    raise ExtendserveError(f"unknown training method {s.method!r}; use gated, joint or naive")
+    raise ExtendserveError(f"unknown training method {s.method!r}; use calibrated, gated, joint or naive")
 
 
 def score_features(base: Base, head: Head, feats: np.ndarray) -> np.ndarray:
@@ -103,9 +116,19 @@ def score_features(base: Base, head: Head, feats: np.ndarray) -> np.ndarray:
         return torch.cat([old, scorer(head)(x, old)], 1).numpy()
 
 
+def taken_share(base: Base, head: Head, feats: np.ndarray) -> float:
+    """Share of photos [m, D] (none of the new classes) whose top-1 the head takes."""
+    if not len(feats):
+        return 0.0
+    return float((score_features(base, head, feats).argmax(1) >= len(base.labels)).mean())
+
+
 def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
-               s: TrainSettings, negatives: np.ndarray | None = None) -> tuple[Head, TrainReport]:
-    """Report held-out accuracy on a seeded split, then train the final head on every photo."""
+               s: TrainSettings, negatives: np.ndarray | None = None,
+               background: Background | None = None) -> tuple[Head, TrainReport]:
+    """Report held-out accuracy on a seeded split, and the share of held-out background photos
+    taken (the head of that check is fitted on the other half of the background), then train the
+    final head on every photo and the whole background."""
     t0 = time.time()
     counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     missing = [c for c, n in counts.items() if n == 0]
@@ -115,8 +138,17 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
     parts = split(labels, s.holdout, s.seed)
     if parts is not None:
         tr, ho = parts
-        probe = fit(base, feats[tr], labels[tr], classes, s, "training (held-out check)", negatives)
+        bg_fit, bg_held = background, None
+        if background is not None and len(background) >= 40:
+            order = np.random.default_rng(s.seed).permutation(len(background))
+            half = len(order) // 2
+            bg_fit = Background(background.features[order[:half]], background.source)
+            bg_held = background.features[order[half:]]
+        probe = fit(base, feats[tr], labels[tr], classes, s, "training (held-out check)", negatives, bg_fit)
         report.heldout = heldout_accuracy(score_features(base, probe, feats[ho, 0]), labels[ho], classes)
-    head = fit(base, feats, labels, classes, s, "training", negatives)
+        if bg_held is not None:
+            report.heldout["background_taken"] = taken_share(base, probe, bg_held)
+            report.heldout["background_photos"] = int(len(bg_held))
+    head = fit(base, feats, labels, classes, s, "training", negatives, background)
     report.seconds = time.time() - t0
     return head, report
