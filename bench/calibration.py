@@ -24,9 +24,10 @@ from pathlib import Path
 ROWS = [("naive concatenation", ["--method", "naive"], False),
         ("joint softmax", ["--method", "joint"], False),
         ("joint softmax + negatives", ["--method", "joint"], True),
-        ("gated, cosine gate", ["--gate", "cosine"], False),
-        ("gated (default: mahalanobis gate)", [], False),
-        ("gated + negatives", [], True)]
+        ("gated, cosine gate", ["--method", "gated", "--gate", "cosine"], False),
+        ("gated, mahalanobis gate", ["--method", "gated"], False),
+        ("gated + negatives", ["--method", "gated"], True),
+        ("calibrated (default; background in-sample here)", [], False)]
 
 
 def run(*args: str) -> str:

@@ -55,7 +55,7 @@ def main() -> None:
             train = np.setdiff1d(np.arange(len(labels)), held)
             for gate in a.gates:
                 t0 = time.time()
-                s = dataclasses.replace(TrainSettings(), gate=gate)
+                s = dataclasses.replace(TrainSettings(), method="gated", gate=gate)
                 head = fit(bb, feats[train], labels[train], classes, s, label=f"{people}p split {seed} {gate}")
                 took = time.time() - t0
                 merged = score_features(bb, head, feats[held, 0])

@@ -158,7 +158,7 @@ def test_foreign_lite0_names_the_tench_and_the_celebrities_as_the_builtin_does(t
 
     fixed_split(tmp_path)
     opts = foreign_lite0(tmp_path)
-    run_cli("train-head", str(tmp_path / "train"), "-o", str(tmp_path / "f.pt"), "--holdout", "0", *opts)
+    run_cli("train-head", str(tmp_path / "train"), "-o", str(tmp_path / "f.pt"), "--holdout", "0", "--method", "gated", *opts)
     run_cli("build", "--new-head", str(tmp_path / "f.pt"), "-o", str(tmp_path / "m"), "--no-store", *opts)
     f = json.loads(run_cli("eval", "--model", str(tmp_path / "m"), "--new", str(tmp_path / "held"),
                            "--imagenet", str(IMAGENET_SAMPLE), "--json").stdout)

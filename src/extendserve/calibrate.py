@@ -100,10 +100,21 @@ def fit_metric(feats: np.ndarray, labels: np.ndarray, n: int, shrinkage: float, 
     lv = np.repeat(labels, feats.shape[1])
     means = np.stack([views[lv == c].mean(0) for c in range(n)])
     centred = views - means[lv]
-    lam, vec = np.linalg.eigh(centred.T @ centred / len(centred))
-    lam = np.clip(lam, 0.0, None)
-    sigma = max(shrinkage * lam.sum() / len(lam), 1e-12)
-    top = np.argsort(-lam)[: min(rank, len(lam))]
+    m, d = centred.shape
+    if m < d:  # fewer views than dimensions: the same eigenvectors from the m x m Gram matrix, faster
+        lam, u = np.linalg.eigh(centred @ centred.T / m)
+        lam = np.clip(lam, 0.0, None)
+        top = np.argsort(-lam)[: min(rank, m)]
+        top = top[lam[top] > 1e-12 * max(lam.max(), 1e-30)]
+        vec = np.zeros((d, len(lam)))
+        vec[:, top] = centred.T @ u[:, top] / np.sqrt(m * lam[top])
+        total = lam.sum()
+    else:
+        lam, vec = np.linalg.eigh(centred.T @ centred / m)
+        lam = np.clip(lam, 0.0, None)
+        top = np.argsort(-lam)[: min(rank, len(lam))]
+        total = lam.sum()
+    sigma = max(shrinkage * total / d, 1e-12)
     w = (1 - shrinkage) * lam[top] / ((1 - shrinkage) * lam[top] + sigma)
     return Metric(means.astype(np.float32), vec[:, top].astype(np.float32), w.astype(np.float32), float(sigma))
 

@@ -43,6 +43,8 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     if out.is_dir():
         raise ExtendserveError(f"-o {out} is a folder; give a file name such as {out / 'head.pt'}")
     check_gate_options(a)
+    if a.method is None:  # a fine-tuned top copy is trained with the gated head (not yet the calibrated one)
+        a.method = "gated" if a.unfreeze_top else "calibrated"
     t0 = time.time()
     ds = scan_folder(a.data)
     from .names import check_class_names
@@ -383,7 +385,13 @@ def cmd_backbones(a: argparse.Namespace) -> int:
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults shown after each option's help; the description's lines kept as written."""
+    """Defaults shown after each option's help (not where there is none); the description's lines
+    kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def weight_options(p: argparse.ArgumentParser) -> None:
@@ -425,9 +433,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--output", required=True, help="head file to write (.pt)")
     t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES)
     t.add_argument("--name", help="head name shown with predictions (default: the file's stem)")
-    t.add_argument("--method", default="calibrated", choices=["calibrated", "gated", "joint", "naive"],
+    t.add_argument("--method", default=None, choices=["calibrated", "gated", "joint", "naive"],
                    help="calibrated: one probability model with the base's classes, judged against the base's "
-                        "background (default); gated: the earlier gate fitted on the new photos alone; joint: rows "
+                        "background (default; gated with --unfreeze-top); gated: the earlier gate fitted on the new photos alone; joint: rows "
                         "trained in the joint softmax with the base's classes; naive: an N-way head on its own")
     t.add_argument("--negatives", help="folder of photos that are none of the new classes: added to the base's "
                                        "background (a base without one, --base FILE, needs them for a safe head)")

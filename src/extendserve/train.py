@@ -135,6 +135,8 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
     if missing:
         raise ExtendserveError(f"no readable photos for class(es) {missing}; add photos or remove the folder")
     report = TrainReport(counts=counts)
+    if background is not None:  # a class trained on background photos is not judged on those photos
+        background = background.without(feats[:, 0])
     parts = split(labels, s.holdout, s.seed)
     if parts is not None:
         tr, ho = parts
