@@ -46,6 +46,7 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
     from .features import FeatureExtractor
     from .preprocess import prepare_file
     from .train import TrainSettings, train_head
+    from .world import background_for
 
     photos = demo_photos()
     if len(photos) < len(DEMO_CLASSES):
@@ -64,7 +65,7 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
             files.append(dst)
         feats, ok, _ = FeatureExtractor(base).extract(files)
         head, _ = train_head(base, feats, np.arange(len(classes))[ok], classes,
-                             TrainSettings(holdout=0.0))
+                             TrainSettings(holdout=0.0), background=background_for(base))
     head.name = "demo"
     head.source = "demo photos from matplotlib and scikit-image"
     real = [prepare_file(p, base.preprocess) for p in photos.values()]
