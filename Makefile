@@ -51,8 +51,12 @@ burst: install model
 bench-calibration: install
 	$(BIN)/python bench/calibration.py
 
+# The "new classes that know the world" table of README.md (needs ../shared/data; about 30 minutes).
+bench-world: install
+	cd bench && ../$(BIN)/python world_splits.py --splits 8
+
 # The --unfreeze-top K table of README.md (needs ../shared/data; about 4 minutes).
 bench-unfreeze: install
 	$(BIN)/python bench/unfreeze_bench.py
 
-.PHONY: install model serve test bench burst bench-calibration bench-unfreeze browser
+.PHONY: install model serve test bench burst bench-calibration bench-unfreeze bench-world browser

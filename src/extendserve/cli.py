@@ -222,8 +222,8 @@ def cmd_build(a: argparse.Namespace) -> int:
                   f"({'no background for this base' if not h.get('background') else 'fine-tuned top'})")
             continue
         held = (h.get("heldout") or {}).get("background_taken")
-        print(f"head {h['name']}: names {h['background_taken']:.1%} of the base's {h['background'].split(':')[0]} "
-              "as its classes" + (f" (held-out estimate at train-head: {held:.1%})" if held is not None else ""))
+        print(f"head {h['name']}: names {h['background_taken']:.1%} of the base's background photos as its classes "
+              + (f"(in sample; held-out estimate at train-head: {held:.1%})" if held is not None else "(in sample)"))
         warn_if_takes_world(max(h["background_taken"], held or 0.0), "the")
     if before:
         print(f"replaced {a.output}: {before} -> {describe_model(manifest)}")
