@@ -53,7 +53,7 @@ bench-calibration: install
 
 # The "new classes that know the world" table of README.md (needs ../shared/data; about 30 minutes).
 bench-world: install
-	cd bench && ../$(BIN)/python world_splits.py --splits 8
+	$(BIN)/python bench/world_splits.py --splits 8
 
 # The --unfreeze-top K table of README.md (needs ../shared/data; about 4 minutes).
 bench-unfreeze: install
