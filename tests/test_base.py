@@ -80,8 +80,10 @@ def test_tiny_bases_extend_and_keep_their_outputs(synthetic_data, tmp_path, kind
     assert np.allclose(base.weight, want_w.numpy(), atol=1e-6)
 
     opts = ["--base", str(path), "--preprocess", str(tmp_path / "pre.json"), "--labels", str(tmp_path / "labels.txt")]
-    run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--holdout", "0", *opts)
+    t = run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--holdout", "0", *opts)
+    assert "WARNING: no background for this base" in t.stderr and "--negatives DIR" in t.stderr  # said loudly
     r = run_cli("build", "--new-head", str(tmp_path / "h.pt"), "-o", str(tmp_path / "m"), *opts)
+    assert "not measured (no background for this base)" in r.stdout
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     v = manifest["verification"]
     assert v["passed"] and v["base_identical"] and "identical" in r.stdout
