@@ -52,15 +52,19 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
 
 
-def fit_ranker(t: np.ndarray, labels: np.ndarray, n: int, c: float, label: str) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression on every view, 0.5 |W|^2 + c * sum CE, by L-BFGS (deterministic)."""
+def fit_ranker(t: np.ndarray, labels: np.ndarray, n: int, c: float, label: str,
+               start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on every view, 0.5 |W|^2 + c * sum CE, by L-BFGS (deterministic).
+    The objective is strictly convex, so ``start`` (the all-photos solution, for a fold) only
+    shortens the walk to the same optimum."""
     d = t.shape[-1]
     if n == 1:
         return np.zeros((1, d), np.float32), np.zeros(1, np.float32)
     x = torch.from_numpy(t.reshape(-1, d).astype(np.float64))
     y = torch.from_numpy(np.repeat(labels, t.shape[1])).long()
-    w = torch.zeros(n, d, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(n, dtype=torch.float64, requires_grad=True)
+    w0, b0 = start if start is not None else (np.zeros((n, d)), np.zeros(n))
+    w = torch.tensor(np.asarray(w0, np.float64), requires_grad=True)
+    b = torch.tensor(np.asarray(b0, np.float64), requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=100, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -156,7 +160,7 @@ def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
         kept = np.unique(labels[rest])
         relabel = np.searchsorted(kept, labels[rest])
         m = fit_metric(t[rest], relabel, len(kept), s.gate_shrinkage, s.gate_rank)
-        w, b = fit_ranker(t[rest], relabel, len(kept), s.ranker_c, f"{label} (fold {j + 1})")
+        w, b = fit_ranker(t[rest], relabel, len(kept), s.ranker_c, f"{label} (fold {j + 1})", (rw[kept], rb[kept]))
         d_oof[np.ix_(held, kept)] = m.distances(t[held, 0])
         r_oof[np.ix_(held, kept)] = t[held, 0] @ w.T + b
         for i in np.flatnonzero(held):
