@@ -269,6 +269,13 @@ def test_ui_page_in_chromium(server, tmp_path, width):
         browser.close()
 
 
+def _wait_until(condition, page, seconds: float = 20) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        page.wait_for_timeout(100)  # lets Playwright deliver its events
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (make browser)")
 def test_ui_busy_state_bad_photo_and_keyboard(server, tmp_path):
     from playwright.sync_api import sync_playwright
@@ -277,25 +284,35 @@ def test_ui_busy_state_bad_photo_and_keyboard(server, tmp_path):
     with sync_playwright() as p:
         browser = _browser(p)
         page = browser.new_page(viewport={"width": 375, "height": 800})
+        choosers: list = []
+        page.on("filechooser", lambda chooser: choosers.append(chooser))
         page.goto(server.url + "/ui")
-        page.route("**/classify", lambda route: (time.sleep(1.5), route.continue_()))  # slow enough to see
+        # The request is held until the busy state has been seen, then let through: a handler that
+        # sleeps blocks Playwright's own loop, and the busy state could come and go unobserved.
+        held: list = []
+        page.route("**/classify", lambda route: held.append(route))
         page.set_input_files("#file", str(tmp_path / "notes.jpg"))
         page.wait_for_function("document.getElementById('drop').getAttribute('aria-busy') === 'true'"
                                " && document.getElementById('status').textContent.includes('working')")
+        assert len(held) == 1
+        held[0].continue_()
         page.wait_for_selector("#error:not(:empty)")
         assert "not a recognised image format" in page.locator("#error").inner_text()
         assert page.locator("#photo").is_hidden()  # no broken-image icon beside the error
         assert page.locator("#drop").get_attribute("aria-busy") == "false"
-        # The whole drop zone opens the file chooser: by click, and from the keyboard.
-        with page.expect_file_chooser() as chooser:
-            page.locator("#drop").click(position={"x": 5, "y": 5})
-        chooser.value.set_files([])  # close it: Chromium opens no second chooser while one is open
-        page.locator("h1").click()  # focus back at the top of the page, outside the drop zone
+        # The whole drop zone opens the file chooser: by click, and from the keyboard. Choosers are
+        # caught by a listener set before either action: expect_file_chooser() switches Chromium's
+        # chooser interception on only as the action starts, and a key press can beat it (1 run in 5).
+        page.locator("h1").click()
+        page.locator("#drop").click(position={"x": 5, "y": 5})
+        _wait_until(lambda: len(choosers) == 1, page)
+        choosers[0].set_files([])
+        page.locator("h1").click()  # focus at the top of the page, outside the drop zone
         page.keyboard.press("Tab")  # the drop zone is the first stop from there
         assert page.evaluate("document.activeElement.id") == "drop"
-        with page.expect_file_chooser() as again:
-            page.keyboard.press("Enter")
-        again.value.set_files([])
+        page.keyboard.press("Enter")
+        _wait_until(lambda: len(choosers) == 2, page)
+        choosers[1].set_files([])
         browser.close()
 
 
