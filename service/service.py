@@ -9,11 +9,9 @@ process, so a bad one stops the whole service at once with the fix (see extendse
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -37,6 +35,8 @@ from extendserve.runtime import DEVICES, Model
 from extendserve.served import check_device, served_model_dir
 from extendserve.store import DEFAULT_TAG, packed_tag
 from extendserve.store import resolve as resolve_tag
+
+from .edge import HttpEdge, error, strict_int
 
 log = logging.getLogger("extendserve")
 
@@ -82,6 +82,12 @@ MAX_BATCH = _env("EXTENDSERVE_MAX_BATCH", 32, int, 1, 1024)
 MAX_BATCH_PHOTOS = _env("EXTENDSERVE_MAX_BATCH_PHOTOS", 256, int, 1, 100_000)
 CHUNK = max(1, min(8, MAX_BATCH))
 MAX_BODY_BATCH = int(_env("EXTENDSERVE_MAX_REQUEST_MB", 256, float, 0.001, 65536) * 1024 * 1024)
+# Slow clients: a request body must arrive at EXTENDSERVE_MIN_UPLOAD_KBPS after a grace of
+# EXTENDSERVE_UPLOAD_GRACE_S seconds, or is answered 408; only whole bodies are admitted as work,
+# EXTENDSERVE_MAX_CONCURRENCY at a time per worker (429 past it). See service/edge.py.
+MIN_RATE = _env("EXTENDSERVE_MIN_UPLOAD_KBPS", 16, float, 0, 1e6) * 1024
+GRACE = _env("EXTENDSERVE_UPLOAD_GRACE_S", 5, float, 0.1, 600)
+ADMITTED = _env("EXTENDSERVE_MAX_CONCURRENCY", 128, int, 1, 100_000)
 THREADS = max(1, CORES // WORKERS)  # the workers split the cores rather than oversubscribe them
 UI_PAGE = Path(__file__).with_name("ui.html")
 
@@ -105,164 +111,7 @@ except (ExtendserveError, OSError) as e:
     _stop(str(e))
 
 
-class HttpEdge:
-    """Where requests come in, before BentoML parses them: a body over its limit is refused while it
-    streams in (a Content-Length over it is answered 413 before a byte is read, a chunked body is
-    cut off where it passes it), and a raw image body to /classify is answered here."""
-
-    def __init__(self, app: Any, limit: int, batch_limit: int) -> None:
-        self.app, self.limit, self.batch_limit = app, limit, batch_limit
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST":
-            return await self.app(scope, receive, send)
-        limit = self.batch_limit if scope.get("path", "").rstrip("/").endswith("_batch") else self.limit
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return await self._refuse(send, int(length), limit)
-        seen, over, started = 0, False, False
-
-        async def counted() -> Any:
-            nonlocal seen, over
-            msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > limit:
-                    over = True
-                    return {"type": "http.disconnect"}
-            return msg
-
-        async def guarded(msg: Any) -> None:
-            nonlocal started
-            if over:
-                return  # the app's own answer to the cut-off body is replaced by the 413 below
-            started = True
-            await send(msg)
-
-        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        path = scope.get("path", "").rstrip("/")
-        raw = path == "/classify" and (ctype.startswith(b"image/") or ctype == b"application/octet-stream")
-        if raw or (ctype == b"multipart/form-data" and path in FORM_FIELDS):
-            body = await _read_all(counted)
-            if over:
-                return await self._refuse(send, seen, limit)
-            if raw:
-                return await self._raw_image(scope, body, receive, send)
-            problem = form_problem(body, headers.get(b"content-type", b""), path)
-            if problem:
-                return await _error(400, f"{path}: {problem}")(scope, receive, send)
-            counted = _replay(body, receive)
-        try:
-            await self.app(scope, counted, guarded)
-        except Exception:
-            if not over:
-                raise
-        if over and not started:
-            await self._refuse(send, seen, limit)
-
-    async def _raw_image(self, scope: Any, body: bytes, receive: Any, send: Any) -> None:
-        """``POST /classify`` with the photo as the whole body (``curl --data-binary @photo.jpg -H
-        'Content-Type: image/jpeg'``), ``top_k`` in the query string: what curl users expect and
-        BentoML's multipart-only APIs do not take (bentoml/BentoML#4651, #5215)."""
-        from urllib.parse import parse_qs
-
-        raw_k = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("top_k", ["5"])[-1]
-        try:
-            top_k = int(_strict_int(raw_k))
-        except ValueError as e:
-            return await _error(400, str(e))(scope, receive, send)
-        out = await bentoml.get_current_service().classify_one(body, top_k)
-        response = out if isinstance(out, Response) else JSONResponse(out.model_dump())
-        await response(scope, receive, send)
-
-    @staticmethod
-    async def _refuse(send: Any, size: int, limit: int) -> None:
-        body = json.dumps({"error": f"the request body ({size / 2**20:.1f} MB so far) is over the "
-                                    f"{limit / 2**20:.0f} MB upload limit; send a smaller photo"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-# What each endpoint's multipart form may hold: field -> must it be a file.
-FORM_FIELDS = {"/classify": {"image": True, "top_k": False}, "/classify_batch": {"images": True, "top_k": False}}
-
-
-def form_problem(body: bytes, content_type: bytes, path: str) -> str | None:
-    """What is wrong with a multipart form, said so the sender can fix it; None if it is well formed.
-
-    Checked before BentoML parses it: a wrong or unknown field name, or binary data in a text
-    field, once made BentoML answer 500 (a UnicodeDecodeError); the likeliest curl mistake,
-    ``-F file=@photo.jpg``, gets a 400 naming the field expected."""
-    fields = FORM_FIELDS[path]
-    photo = next(f for f, is_file in fields.items() if is_file)
-    hint = f"send the photo as the multipart field '{photo}' (curl -F {photo}=@photo.jpg)"
-    m = re.search(rb'boundary="?([^";]+)"?', content_type)
-    if not m:
-        return f"the multipart body has no boundary; {hint}"
-    seen: list[str] = []
-    for part in body.split(b"--" + m.group(1))[1:]:
-        if part.startswith(b"--"):
-            break  # the closing delimiter
-        head, sep, value = part.lstrip(b"\r\n").partition(b"\r\n\r\n")
-        disposition = next((ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-disposition")), b"")
-        name = re.search(rb'name="([^"]*)"', disposition)
-        if not sep or not name:
-            return f"a part of the multipart body has no field name; {hint}"
-        field = name.group(1).decode("utf-8", "replace")
-        if field not in fields:
-            return f"unknown field {field!r}; {hint}"
-        if not fields[field]:
-            text = value[:-2] if value.endswith(b"\r\n") else value
-            try:
-                _strict_int(text.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                return f"{field} must be a whole number written in digits, such as 5"
-        elif field in seen and path == "/classify":
-            return f"more than one '{photo}' field; /classify takes one photo, /classify_batch several ('images')"
-        seen.append(field)
-    if photo not in seen:
-        return f"no '{photo}' field; {hint}"
-    return None
-
-
-async def _read_all(receive: Any) -> bytes:
-    chunks = []
-    while True:
-        msg = await receive()
-        if msg["type"] != "http.request":
-            break
-        chunks.append(msg.get("body", b""))
-        if not msg.get("more_body"):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Any) -> Any:
-    """A receive() that hands the already-read body to the app, then waits as the original does."""
-    sent = False
-
-    async def again() -> Any:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return again
-
-
-def _strict_int(value: Any) -> Any:
-    """``top_k`` as digits only: '1e3', '5.0' and 'true' are refused, not read as 1000, 5, 1."""
-    ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
-    if not ok:  # BentoML reads form fields as JSON first: '1e3' arrives as 1000.0, 'true' as True
-        raise ValueError(f"top_k must be a whole number written in digits, such as 5, not {value!r}")
-    return value
-
-
-TopK = Annotated[int, BeforeValidator(_strict_int)]
+TopK = Annotated[int, BeforeValidator(strict_int)]
 
 
 class Prediction(BaseModel):
@@ -308,14 +157,8 @@ async def ui() -> Response:
     return FileResponse(UI_PAGE, media_type="text/html")
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    """A client's mistake: answered with the fix, logged at WARNING in one line (no traceback)."""
-    log.warning("%d: %s", status, message)
-    return JSONResponse({"error": message}, status_code=status)
-
-
 @bentoml.asgi_app(pages, path="/")
-@bentoml.service(name="extendserve-classifier", traffic={"timeout": 60, "max_concurrency": 256}, workers=WORKERS)
+@bentoml.service(name="extendserve-classifier", traffic={"timeout": 60}, workers=WORKERS)
 class Classifier:
     # Declared here, as a class attribute, so that `bentoml build` packs the model by reference.
     if MODEL_TAG is not None:
@@ -378,7 +221,7 @@ class Classifier:
 
     async def _classify(self, paths: list[Path | bytes], top_k: int) -> list[Classification] | JSONResponse:
         if not 1 <= top_k <= len(self.model.labels):
-            return _error(400, f"top_k must be between 1 and {len(self.model.labels)}, not {top_k}")
+            return error(400, f"top_k must be between 1 and {len(self.model.labels)}, not {top_k}")
         rows: list[np.ndarray] = []
         try:
             # A chunk at a time: a batch of hundreds takes turns in the decode threads and the model
@@ -389,9 +232,9 @@ class Classifier:
                                                 for i, p in enumerate(chunk)])
                 rows += await asyncio.gather(*[self.batcher.submit(x) for x in pixels])
         except _TooLarge as e:
-            return _error(413, str(e))
+            return error(413, str(e))
         except BadImageError as e:
-            return _error(400, str(e))
+            return error(400, str(e))
         preds = self.model.top_k(np.stack(rows), top_k)
         return [Classification(predictions=[Prediction(**p.to_dict()) for p in row]) for row in preds]
 
@@ -404,14 +247,15 @@ class Classifier:
     async def classify_batch(self, images: list[Path], top_k: TopK = 5) -> list[Classification]:
         """Several photos (multipart field ``images``, repeated) -> one result each, in order."""
         if not images:
-            return _error(400, "no photos: send one or more multipart fields named 'images'")  # type: ignore[return-value]
+            return error(400, "no photos: send one or more multipart fields named 'images'")  # type: ignore[return-value]
         if len(images) > MAX_BATCH_PHOTOS:
-            return _error(413, f"{len(images)} photos in one request is over the limit of {MAX_BATCH_PHOTOS} "  # type: ignore[return-value]
+            return error(413, f"{len(images)} photos in one request is over the limit of {MAX_BATCH_PHOTOS} "  # type: ignore[return-value]
                                "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
         return await self._classify(images, top_k)  # type: ignore[return-value]
 
 
-Classifier.add_asgi_middleware(HttpEdge, limit=MAX_UPLOAD + 64 * 1024, batch_limit=MAX_BODY_BATCH)
+Classifier.add_asgi_middleware(HttpEdge, limit=MAX_UPLOAD + 64 * 1024, batch_limit=MAX_BODY_BATCH,
+                               min_rate=MIN_RATE, grace=GRACE, admitted=ADMITTED)
 
 
 class _TooLarge(Exception):

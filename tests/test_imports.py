@@ -18,7 +18,7 @@ HEAVY = {"torch"}
 def import_graph() -> dict[str, set[str]]:
     """module -> the package modules and heavy third-party packages it imports."""
     graph: dict[str, set[str]] = {}
-    files = {p.stem: p for p in PACKAGE.glob("*.py")} | {"service": ROOT / "service" / "service.py"}
+    files = {p.stem: p for p in PACKAGE.glob("*.py")} | {"service": ROOT / "service" / "service.py", "edge": ROOT / "service" / "edge.py"}
     for name, path in files.items():
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
@@ -93,7 +93,7 @@ def test_no_import_cycle() -> None:
 
 def test_serving_path_never_reaches_torch() -> None:
     graph = import_graph()
-    for module in ("runtime", "preprocess", "served", "batching", "evaluate", "service"):
+    for module in ("runtime", "preprocess", "served", "batching", "evaluate", "service", "edge"):
         assert "torch" not in reachable(graph, module), (module, sorted(reachable(graph, module)))
 
 

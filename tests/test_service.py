@@ -336,6 +336,46 @@ def test_content_length_over_limit_refused_before_reading(server):
     assert reply.startswith("HTTP/1.1 413") and "upload limit" in reply
 
 
+def test_slow_uploads_do_not_lock_others_out(server):
+    """300 connections that send a raw-body head with a Content-Length of 1 MB and then a byte now
+    and then once held all of BentoML's 256 request slots on the worker: other clients got 429 for a
+    minute. A body must now arrive at a minimum rate (else 408), and only whole bodies count."""
+    slow = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 1000000\r\n\r\nx")
+            slow.append(sock)
+        statuses, t0 = [], time.time()
+        while time.time() - t0 < 10:  # the slow ones are cut off after the 5 s grace
+            for sock in slow[::10]:
+                try:
+                    sock.send(b"x")
+                except OSError:
+                    pass  # already answered and closed
+            statuses.append(server.post("/classify", [("image", disc(), "disc.jpg")])[0])
+            time.sleep(0.3)
+        assert len(statuses) >= 10 and set(statuses) == {200}, statuses
+        reply = read_reply(slow[1])
+        assert reply.startswith("HTTP/1.1 408") and "too slowly" in reply, reply[:300]
+    finally:
+        for sock in slow:
+            sock.close()
+
+
+def test_long_multipart_boundary_is_a_400(server):
+    """A 2000-character boundary was answered 500 with a traceback in the log."""
+    b = "x" * 2000
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n\r\n'.encode() + disc()
+            + f"\r\n--{b}--\r\n".encode())
+    req = urllib.request.Request(server.url + "/classify", data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={b}"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400 and "boundary" in json.loads(e.value.read())["error"]
+
+
 def test_chunked_body_cut_off_at_limit(server):
     body, ctype = multipart([("image", disc() + b"\0" * (3 * 1024 * 1024), "big.jpg")])
     req = urllib.request.Request(server.url + "/classify", data=iter([body[i:i + 65536] for i in range(0, len(body), 65536)]),

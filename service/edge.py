@@ -1,0 +1,189 @@
+"""The HTTP edge: where requests come in, before BentoML sees them.
+
+Every POST body is read here, whole, before it counts as work: under its size limit (a
+Content-Length over it is answered 413 before a byte is read, a chunked body is cut off where it
+passes it) and at a minimum rate (a body that trickles in is answered 408 and counts for nothing).
+Only then is the request admitted, up to a number of requests in progress per worker (429 past
+it). BentoML's own concurrency limit sits outside user middleware and so counted connections that
+were still uploading: 260 clients sending one byte a second locked everyone else out with 429.
+A raw image body to /classify is answered here, and a malformed multipart form gets a 400 that
+names the field expected. No torch here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from typing import Any
+
+import bentoml
+from starlette.responses import JSONResponse, Response
+
+log = logging.getLogger("extendserve")
+
+# What each endpoint's multipart form may hold: field -> must it be a file.
+FORM_FIELDS = {"/classify": {"image": True, "top_k": False}, "/classify_batch": {"images": True, "top_k": False}}
+MAX_BOUNDARY = 70  # RFC 2046: a multipart boundary is 1 to 70 characters
+
+
+def error(status: int, message: str, close: bool = False) -> JSONResponse:
+    """A client's mistake: answered with the fix, logged at WARNING in one line (no traceback)."""
+    log.warning("%d: %s", status, message)
+    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
+
+
+class _Slow(Exception):
+    pass
+
+
+class HttpEdge:
+    """ASGI middleware: size, rate and admission limits on request bodies (see the module)."""
+
+    def __init__(self, app: Any, limit: int, batch_limit: int, min_rate: float, grace: float,
+                 admitted: int) -> None:
+        self.app, self.limit, self.batch_limit = app, limit, batch_limit
+        self.min_rate, self.grace = min_rate, grace
+        self.slots = asyncio.Semaphore(admitted)
+        self.admitted = admitted
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "").rstrip("/")
+        limit = self.batch_limit if path.endswith("_batch") else self.limit
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._too_large(send, int(length), limit)
+        try:
+            body = await self._read_body(receive, limit)
+        except _Slow as e:
+            return await error(408, str(e), close=True)(scope, receive, send)
+        if body is None:
+            return await self._too_large(send, limit + 1, limit)
+        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        raw = path == "/classify" and (ctype.startswith(b"image/") or ctype == b"application/octet-stream")
+        if ctype == b"multipart/form-data" and path in FORM_FIELDS:
+            problem = form_problem(body, headers.get(b"content-type", b""), path)
+            if problem:
+                return await error(400, f"{path}: {problem}")(scope, receive, send)
+        if self.slots.locked():
+            return await error(429, f"{self.admitted} requests are in progress on this worker; retry shortly")(
+                scope, receive, send)
+        async with self.slots:
+            if raw:
+                return await self._raw_image(scope, body, receive, send)
+            await self.app(scope, _replay(body, receive), send)
+
+    async def _read_body(self, receive: Any, limit: int) -> bytes | None:
+        """The whole body, or None past ``limit``; _Slow when it arrives under the minimum rate
+        (after a grace period): the client must have sent (t - grace) * min_rate bytes by time t."""
+        chunks, seen, t0 = [], 0, time.monotonic()
+        while True:
+            deadline = t0 + self.grace + (seen / self.min_rate if self.min_rate > 0 else 3600.0)
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.01, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                took = time.monotonic() - t0
+                raise _Slow(f"the request body arrived too slowly ({seen} bytes in {took:.0f} s; at least "
+                            f"{self.min_rate / 1024:.0f} KB/s after the first {self.grace:.0f} s); send it "
+                            "again over a faster connection") from None
+            if msg["type"] != "http.request":
+                break  # the client went away; the app sees the disconnect when it asks
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > limit:
+                return None
+            if not msg.get("more_body"):
+                break
+        return b"".join(chunks)
+
+    async def _raw_image(self, scope: Any, body: bytes, receive: Any, send: Any) -> None:
+        """``POST /classify`` with the photo as the whole body (``curl --data-binary @photo.jpg -H
+        'Content-Type: image/jpeg'``), ``top_k`` in the query string: what curl users expect and
+        BentoML's multipart-only APIs do not take (bentoml/BentoML#4651, #5215)."""
+        from urllib.parse import parse_qs
+
+        raw_k = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("top_k", ["5"])[-1]
+        try:
+            top_k = int(strict_int(raw_k))
+        except ValueError as e:
+            return await error(400, str(e))(scope, receive, send)
+        out = await bentoml.get_current_service().classify_one(body, top_k)
+        response = out if isinstance(out, Response) else JSONResponse(out.model_dump())
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def _too_large(send: Any, size: int, limit: int) -> None:
+        body = json.dumps({"error": f"the request body ({size / 2**20:.1f} MB so far) is over the "
+                                    f"{limit / 2**20:.0f} MB upload limit; send a smaller photo"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def form_problem(body: bytes, content_type: bytes, path: str) -> str | None:
+    """What is wrong with a multipart form, said so the sender can fix it; None if it is well formed.
+
+    Checked before BentoML parses it: a wrong or unknown field name, binary data in a text field or
+    a boundary over RFC 2046's 70 characters once made BentoML answer 500; the likeliest curl
+    mistake, ``-F file=@photo.jpg``, gets a 400 naming the field expected."""
+    fields = FORM_FIELDS[path]
+    photo = next(f for f, is_file in fields.items() if is_file)
+    hint = f"send the photo as the multipart field '{photo}' (curl -F {photo}=@photo.jpg)"
+    m = re.search(rb'boundary="?([^";]+)"?', content_type)
+    if not m:
+        return f"the multipart body has no boundary; {hint}"
+    if len(m.group(1)) > MAX_BOUNDARY:
+        return (f"the multipart boundary is {len(m.group(1))} characters long, over the {MAX_BOUNDARY} that "
+                f"RFC 2046 allows; {hint}")
+    seen: list[str] = []
+    for part in body.split(b"--" + m.group(1))[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, sep, value = part.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        disposition = next((ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-disposition")), b"")
+        name = re.search(rb'name="([^"]*)"', disposition)
+        if not sep or not name:
+            return f"a part of the multipart body has no field name; {hint}"
+        field = name.group(1).decode("utf-8", "replace")
+        if field not in fields:
+            return f"unknown field {field!r}; {hint}"
+        if not fields[field]:
+            text = value[:-2] if value.endswith(b"\r\n") else value
+            try:
+                strict_int(text.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                return f"{field} must be a whole number written in digits, such as 5"
+        elif field in seen and path == "/classify":
+            return f"more than one '{photo}' field; /classify takes one photo, /classify_batch several ('images')"
+        seen.append(field)
+    if photo not in seen:
+        return f"no '{photo}' field; {hint}"
+    return None
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A receive() that hands the already-read body to the app, then waits as the original does."""
+    sent = False
+
+    async def again() -> Any:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
+
+
+def strict_int(value: Any) -> Any:
+    """``top_k`` as digits only: '1e3', '5.0' and 'true' are refused, not read as 1000, 5, 1."""
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
+    if not ok:  # BentoML reads form fields as JSON first: '1e3' arrives as 1000.0, 'true' as True
+        raise ValueError(f"top_k must be a whole number written in digits, such as 5, not {value!r}")
+    return value
