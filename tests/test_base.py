@@ -171,3 +171,35 @@ def test_foreign_lite0_names_the_tench_and_the_celebrities_as_the_builtin_does(t
     assert f["imagenet"]["top1_before"] == f["imagenet"]["top1_after"] == 0.89
     assert abs(f["new"]["accuracy"] - 0.75) <= 0.05  # within one held-out photo in 20
     assert f["imagenet"]["stolen"] <= 0.005
+
+
+def test_external_data_custom_domains_and_invalid_graphs_are_refused(synthetic_data, tmp_path):
+    """A base whose tensors live in an external file was read from the working directory, and the
+    published model kept pointing there: rewriting that file changed the answers of a model with the
+    same sha256. Now such a file is refused, as are custom-op domains and graphs the checker refuses,
+    each in one line with the fix."""
+    import onnx
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from extendserve.errors import ExtendserveError
+
+    path = export(Tiny("gemm"), tmp_path / "tiny.onnx")
+    model = onnx.load(str(path))
+    convert_model_to_external_data(model, all_tensors_to_one_file=True, location="secret.txt", size_threshold=0)
+    onnx.save(model, str(tmp_path / "external.onnx"))
+    assert (tmp_path / "secret.txt").is_file()
+    with pytest.raises(ExtendserveError, match="external files.*self-contained"):
+        load_base(tmp_path / "external.onnx")
+
+    custom = onnx.load(str(path))
+    custom.opset_import.append(onnx.helper.make_opsetid("com.example.custom", 1))
+    onnx.save(custom, str(tmp_path / "custom.onnx"))
+    with pytest.raises(ExtendserveError, match="custom domain"):
+        load_base(tmp_path / "custom.onnx")
+
+    broken = onnx.load(str(path))
+    broken.graph.node[0].input[0] = "nowhere"  # an input no node or initializer provides
+    onnx.save(broken, str(tmp_path / "broken.onnx"))
+    r = run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--base", str(tmp_path / "broken.onnx"),
+                check=False)
+    assert r.returncode == 2 and "not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr

@@ -17,7 +17,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -316,8 +316,50 @@ def load_base(path: str | os.PathLike[str], preprocess: str | os.PathLike[str] |
         raise ExtendserveError(str(e)) from None
     except Exception as e:  # protobuf's DecodeError and friends
         raise ExtendserveError(f"{where}: not an ONNX model ({str(e)[:120]}); give a .onnx file") from None
+    self_contained(model, where)
     return _base_from_model(model, hashlib.sha256(data).hexdigest(), Path(path).stem, str(Path(path).absolute()),
                             preprocess, labels, where)
+
+
+STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _tensors(a.g)
+            for g in a.graphs:
+                yield from _tensors(g)
+
+
+def self_contained(model: onnx.ModelProto, where: str) -> None:
+    """Refuse what would make a merged model depend on more than its own bytes, or fail later with
+    onnxruntime's text: tensors kept in external files (read from wherever the process runs, and
+    outside the sha256 that names the model), custom-op domains, a graph the checker refuses."""
+    external = [t.name or "(unnamed)" for t in _tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise ExtendserveError(
+            f"{where}: {len(external)} tensor(s) (first {external[0]!r}) keep their data in external files; give a "
+            "self-contained file: python -c \"import onnx; onnx.save(onnx.load('IN.onnx'), 'OUT.onnx')\" "
+            "(models over 2 GB cannot be extended)")
+    custom = sorted({o.domain for o in model.opset_import if o.domain not in STANDARD_DOMAINS})
+    if custom:
+        raise ExtendserveError(f"{where}: uses operators of custom domain(s) {custom}, which onnxruntime runs only "
+                               "with their own library; export the classifier with standard ONNX operators")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # onnx.checker.ValidationError and the C++ checker's other refusals
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ExtendserveError(f"{where}: not a valid ONNX model ({first}); export it again with a current "
+                               "exporter (torch.onnx.export, tf2onnx)") from None
 
 
 def _base_from_model(model: onnx.ModelProto, digest: str, name: str, source: str, preprocess: Any, labels: Any,
