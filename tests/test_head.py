@@ -88,3 +88,25 @@ def test_duplicate_classes_across_heads(synthetic_head, tmp_path):
     r = run_cli("build", "--new-head", str(synthetic_head), "--new-head", str(synthetic_head), "-o", str(tmp_path / "m"),
                 check=False)
     assert r.returncode == 2 and "more than once" in r.stderr
+
+
+def test_zip_bomb_head_refused_before_unpacking(tmp_path):
+    """A head file of a few MB whose tensors unpack to over a GB (deflated zeros) is refused from its
+    zip directory: it once cost 2.6 GB of memory before it was refused."""
+    import resource
+    import zipfile
+
+    bomb = tmp_path / "bomb.pt"
+    torch.save({"weight": torch.zeros(2, 1280), "bias": torch.zeros(2)}, bomb)
+    with zipfile.ZipFile(bomb, "a", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
+        with z.open("bomb/data/9", "w", force_zip64=True) as f:
+            zeros = bytes(64 * 1024 * 1024)
+            for _ in range(18):  # 1.1 GB of zeros, a few MB deflated
+                f.write(zeros)
+    assert bomb.stat().st_size < 8 * 1024 * 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(HeadFileError, match="unpack to 1152 MB"):
+        load_head(bomb)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KB: nothing unpacked
+    r = run_cli("build", "--new-head", str(bomb), "-o", str(tmp_path / "m"), check=False)
+    assert r.returncode == 2 and "refused" in r.stderr and not (tmp_path / "m").exists()

@@ -19,6 +19,10 @@ from .errors import BadImageError, HeadFileError
 from .preprocess import read_regular_file
 
 MAX_HEAD_BYTES = 2 * 1024**3
+# What a file's tensors may unpack to: a zip entry's size is read from the zip directory before
+# anything is unpacked (a 2.3 MB file of deflated zeros once cost 2.6 GB before it was refused).
+# The largest file extendserve writes is far below it (a Lite2 checkpoint: 40 MB).
+MAX_UNPACKED_BYTES = 1024**3
 
 
 def safe_load(path: Path, what: str = "head file") -> Any:
@@ -47,6 +51,8 @@ def safe_load(path: Path, what: str = "head file") -> Any:
         data = read_regular_file(path, MAX_HEAD_BYTES, what)
     except BadImageError as e:
         raise HeadFileError(str(e)) from None
+    if magic == b"PK\x03\x04":
+        _check_unpacked_size(data, path, what)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -61,6 +67,18 @@ def safe_load(path: Path, what: str = "head file") -> Any:
             f"{path}: not a readable PyTorch file, it is corrupt or truncated "
             f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
         ) from None
+
+
+def _check_unpacked_size(data: bytes, path: Path, what: str) -> None:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            unpacked = sum(i.file_size for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise HeadFileError(f"{path}: not a readable PyTorch file, it is corrupt or truncated ({e})") from None
+    if unpacked > MAX_UNPACKED_BYTES:
+        raise HeadFileError(f"{path}: refused: its {len(data) / 2**20:.1f} MB unpack to {unpacked / 2**20:.0f} MB, over "
+                            f"the {MAX_UNPACKED_BYTES / 2**20:.0f} MB a {what} may hold; it is not loaded. Give the "
+                            "file train-head wrote")
 
 
 def _sniff(magic: bytes) -> str:
