@@ -203,3 +203,16 @@ def test_external_data_custom_domains_and_invalid_graphs_are_refused(synthetic_d
     r = run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--base", str(tmp_path / "broken.onnx"),
                 check=False)
     assert r.returncode == 2 and "not a valid ONNX model" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("key, value", [("std", "[0.2, Infinity, 0.2]"), ("mean", "[NaN, 0.4, 0.3]")])
+def test_preprocess_takes_finite_values_only(tmp_path, key, value):
+    """JSON readers take NaN and Infinity: a std of Infinity once built a model that zeroed a channel."""
+    from extendserve.base import preprocess_from_file
+    from extendserve.errors import ExtendserveError
+
+    pre = dict(PRE)
+    text = json.dumps({k: v for k, v in pre.items() if k != key})[:-1] + f', "{key}": {value}}}'
+    (tmp_path / "pre.json").write_text(text)
+    with pytest.raises(ExtendserveError, match="finite"):
+        preprocess_from_file(tmp_path / "pre.json", 32)

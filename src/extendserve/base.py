@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -276,6 +277,9 @@ def preprocess_from_file(path: str | os.PathLike[str] | None, size: int | None) 
                                mean=tuple(mean), std=tuple(std))  # type: ignore[arg-type]
     except (TypeError, ValueError) as e:
         raise ExtendserveError(f"--preprocess {path}: bad value ({e})") from None
+    if not all(math.isfinite(v) for v in (*mean, *std)):
+        raise ExtendserveError(f"--preprocess {path}: mean and std must be finite numbers, not NaN or Infinity "
+                               f"(mean {d['mean']}, std {d['std']})")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not 0 < cfg.crop <= cfg.resize * 2:
         raise ExtendserveError(f"--preprocess {path}: mean and std need 3 values each (std > 0), crop and resize "
                                "positive sizes")
