@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= models/default
 PORT ?= 3000
+# Only this machine can reach `make serve` unless HOST says otherwise (HOST=0.0.0.0 for every interface).
+HOST ?= 127.0.0.1
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,7 +27,7 @@ model: install
 		$(BIN)/extendserve demo -o $(MODEL_DIR) --name default
 
 serve: install model
-	$(BIN)/bentoml serve --port $(PORT)
+	$(BIN)/bentoml serve --host $(HOST) --port $(PORT)
 
 # Chromium for the /ui browser test (Debian's package; the test skips without it).
 browser:

@@ -32,7 +32,7 @@ from extendserve import __version__
 from extendserve.batching import MicroBatcher
 from extendserve.errors import BadImageError, ExtendserveError
 from extendserve.runtime import DEVICES, Model
-from extendserve.served import check_device, served_model_dir
+from extendserve.served import check_device, served_model_dir, without_paths
 from extendserve.store import DEFAULT_TAG, packed_tag
 from extendserve.store import resolve as resolve_tag
 
@@ -90,6 +90,7 @@ GRACE = _env("EXTENDSERVE_UPLOAD_GRACE_S", 5, float, 0.1, 600)
 ADMITTED = _env("EXTENDSERVE_MAX_CONCURRENCY", 128, int, 1, 100_000)
 THREADS = max(1, CORES // WORKERS)  # the workers split the cores rather than oversubscribe them
 UI_PAGE = Path(__file__).with_name("ui.html")
+SHOW_PATHS = os.environ.get("EXTENDSERVE_INFO_PATHS", "0") == "1"  # /info shows no server paths unless asked
 
 # Which model: EXTENDSERVE_MODEL names a tag in BentoML's model store (default the demo's); for
 # development EXTENDSERVE_MODEL_DIR names a folder instead. The main process resolves the tag once
@@ -100,7 +101,11 @@ try:
     if os.environ.get("EXTENDSERVE_MODEL_DIR"):
         MODEL_SOURCE = Path(os.environ["EXTENDSERVE_MODEL_DIR"])
     else:
-        wanted = os.environ.get("EXTENDSERVE_MODEL") or packed_tag(__file__) or DEFAULT_TAG
+        packed, asked = packed_tag(__file__), os.environ.get("EXTENDSERVE_MODEL")
+        if packed and asked and asked != packed:  # a bento serves the model it was built with
+            log.warning("extendserve: this bento serves the model it packs, %s; EXTENDSERVE_MODEL=%s is ignored "
+                        "(build another bento to serve another model)", packed, asked)
+        wanted = packed or asked or DEFAULT_TAG
         MODEL_TAG, MODEL_SOURCE = resolve_tag(wanted)
         os.environ["EXTENDSERVE_MODEL"] = MODEL_TAG
     MODEL_DIR = served_model_dir(MODEL_SOURCE)  # checked and pinned once, in the main process
@@ -130,8 +135,8 @@ class Info(BaseModel):
     model_tag: str | None = Field(description="the BentoML store tag served (None: a folder, EXTENDSERVE_MODEL_DIR)")
     model_version: str | None
     model_sha256: str
-    model_dir: str
-    pinned_copy: str
+    model_dir: str | None = Field(description="the model folder served (EXTENDSERVE_INFO_PATHS=1 only)")
+    pinned_copy: str | None = Field(description="the private copy the workers load (EXTENDSERVE_INFO_PATHS=1 only)")
     labels: list[str]
     heads: list[dict[str, Any]]
     backbone: dict[str, Any] = Field(description="the base classifier the heads sit beside")
@@ -188,7 +193,7 @@ class Classifier:
         import onnxruntime
 
         m = self.model.manifest
-        return {
+        payload = {
             "labels": m["labels"],
             "heads": m["heads"],
             "backbone": m["backbone"],
@@ -206,6 +211,8 @@ class Classifier:
                          "bentoml": bentoml.__version__, "numpy": np.__version__,
                          "python": sys.version.split()[0]},
         }
+        # Server paths (training folders, head files, the store) only where a setting asks for them.
+        return payload if SHOW_PATHS else without_paths(payload | {"model_dir": None, "pinned_copy": None})
 
     async def _prepare(self, photo: Path | bytes, name: str) -> np.ndarray:
         """An uploaded file or a raw body -> the model's pixels, size-checked before it is read."""

@@ -92,3 +92,12 @@ def test_bentoml_build_without_the_model_says_so(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bentoml", "build"], cwd=ROOT, capture_output=True, text=True,
                        timeout=120, env=os.environ | {"EXTENDSERVE_MODEL": "extendserve-absent:latest"})
     assert r.returncode != 0 and "no model extendserve-absent:latest" in (r.stdout + r.stderr)
+
+
+def test_make_serve_listens_on_this_machine_only():
+    """`make serve` once listened on every interface; now 127.0.0.1 unless HOST says otherwise."""
+    out = subprocess.run(["make", "-n", "serve"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "bentoml serve --host 127.0.0.1 " in out
+    out = subprocess.run(["make", "-n", "serve", "HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert "bentoml serve --host 0.0.0.0 " in out

@@ -199,6 +199,8 @@ def test_info_and_bentoml_endpoints(server):
     assert info["device"] in ("cpu", "cuda") and "CPUExecutionProvider" in info["providers"]
     assert info["verification"]["passed"] and info["preprocess"]["crop"] == 224
     assert {"onnxruntime", "bentoml", "extendserve"} <= set(info["versions"])
+    # No server paths (training folders, head files, the store, the pinned copy) to any client.
+    assert '"/' not in raw.decode() and info["model_dir"] is None and info["pinned_copy"] is None
     for path in ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json"):
         assert server.get(path)[0] == 200
 

@@ -79,7 +79,7 @@ def test_missing_tag_stops_start_up_with_the_fix(tmp_path):
 def test_bento_built_here_serves_from_another_directory(two_versions, tmp_path):
     """`bentoml build` packs the tagged model by reference (no model files in the bento's source),
     and `bentoml serve extendserve-classifier:latest` from elsewhere serves that model."""
-    _, first, _ = two_versions
+    _, first, second = two_versions
     out = bentoml("build", env={"EXTENDSERVE_MODEL": first})
     bento = re.search(r"(extendserve-classifier:\w+)", out).group(1)
     info = json.loads(bentoml("get", bento, "-o", "json"))
@@ -89,9 +89,11 @@ def test_bento_built_here_serves_from_another_directory(two_versions, tmp_path):
     assert not list((store / "src").rglob("*.onnx"))  # by reference, not copied in as source
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    s = Server(None, tmp_path, target=bento, cwd=elsewhere)
+    # The bento wins: EXTENDSERVE_MODEL left in the shell once made it serve that model instead.
+    s = Server(None, tmp_path, target=bento, cwd=elsewhere, EXTENDSERVE_MODEL=second)
     try:
         assert json.loads(s.get("/info")[1])["model_tag"] == first
+        assert f"EXTENDSERVE_MODEL={second} is ignored" in s.logs()
         status, body = s.post("/classify", [("image", disc(), "d.jpg")])
         assert status == 200 and body["predictions"][0]["label"] == "red discs"
     finally:

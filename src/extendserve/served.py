@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .config import cache_root
 from .errors import ExtendserveError
@@ -77,3 +78,15 @@ def check_device(model_dir: str | os.PathLike[str], device: str) -> None:
     r = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, timeout=300)
     if r.returncode:
         raise ExtendserveError((r.stderr.strip().splitlines() or ["CUDA check failed"])[-1])
+
+
+def without_paths(value: Any, key: str = "") -> Any:
+    """``value`` with every absolute file path cut to its last part: what a served model tells its
+    clients (/info) without the server's folders (training photos, head files, the store)."""
+    if isinstance(value, dict):
+        return {k: without_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return value if key in ("labels", "classes") else [without_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value
