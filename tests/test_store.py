@@ -98,3 +98,24 @@ def test_bento_built_here_serves_from_another_directory(two_versions, tmp_path):
         assert status == 200 and body["predictions"][0]["label"] == "red discs"
     finally:
         s.stop()
+
+
+def test_half_saved_version_is_removed_and_latest_names_a_whole_one(two_versions):
+    """A save killed half-way (BentoML copies a version into place file by file) once left a version
+    with a quarter of its model.onnx, listed as the newest, and `latest` named it once the good one
+    was deleted. Such a version is now removed at the next save or service start."""
+    import shutil
+
+    _, first, second = two_versions
+    store = Path(os.environ["BENTOML_HOME"]) / "models" / "extendserve-shapes"
+    half = store / "zzhalfsaved"
+    shutil.copytree(store / second.split(":")[1], half)
+    data = (half / "model.onnx").read_bytes()
+    (half / "model.onnx").write_bytes(data[: len(data) // 4])
+    (store / "latest").write_text(half.name)  # as after `bentoml models delete` of the whole one
+    r = subprocess.run([sys.executable, "-c", "from extendserve.store import resolve; "
+                        "print(resolve('extendserve-shapes:latest')[0])"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == second and not half.exists()
+    assert "removed extendserve-shapes:zzhalfsaved" in r.stderr and "half-saved" in r.stderr
+    assert "zzhalfsaved" not in bentoml("models", "list")

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,48 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _versions_root(name: str) -> Path:
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    return Path(BentoMLContainer.bentoml_home.get()) / "models" / name
+
+
+def drop_broken_versions(name: str) -> list[str]:
+    """Remove versions of ``name`` whose files do not match their manifest (a save killed half-way:
+    BentoML copies a version into place file by file) and point ``latest`` at a whole one; the
+    versions removed. Run before every save and when a service resolves a tag."""
+    from .runtime import read_model_dir
+
+    root, dropped = _versions_root(name), []
+    if not root.is_dir() or not name.startswith(PREFIX):
+        return dropped
+    for version in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            if not (version / "model.yaml").is_file():
+                raise ExtendserveError("no model.yaml")
+            read_model_dir(version)
+        except ExtendserveError as e:
+            shutil.rmtree(version, ignore_errors=True)
+            dropped.append(f"{name}:{version.name}")
+            print(f"removed {name}:{version.name} from the model store: a half-saved version ({str(e)[:120]})",
+                  file=sys.stderr)
+    latest = root / "latest"
+    if dropped and latest.is_file() and not (root / latest.read_text().strip()).is_dir():
+        whole = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: (p / "model.yaml").stat().st_mtime)
+        if whole:
+            latest.write_text(whole[-1].name)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return dropped
+
+
 def save_to_store(model_dir: str | os.PathLike[str], name: str) -> str:
     """Save a built, verified model folder as a new version of ``extendserve-NAME``; its tag."""
     import bentoml
 
     from . import __version__
 
+    drop_broken_versions(store_name(name))
     model_dir = Path(model_dir)
     manifest = json.loads((model_dir / "manifest.json").read_text("utf-8"))
     with bentoml.models.create(store_name(name), labels={"producer": "extendserve", "extendserve": __version__},
@@ -59,6 +96,7 @@ def resolve(tag: str) -> tuple[str, Path]:
     import bentoml
     from bentoml.exceptions import BentoMLException, NotFound
 
+    drop_broken_versions(tag.split(":")[0])
     try:
         model = bentoml.models.get(tag)
     except NotFound:
