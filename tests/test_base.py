@@ -216,3 +216,30 @@ def test_preprocess_takes_finite_values_only(tmp_path, key, value):
     (tmp_path / "pre.json").write_text(text)
     with pytest.raises(ExtendserveError, match="finite"):
         preprocess_from_file(tmp_path / "pre.json", 32)
+
+
+def test_preprocessing_and_labels_are_part_of_a_heads_identity(synthetic_data, tmp_path):
+    """Features made with one --preprocess were reused for another (the cache key was the base's
+    digest alone), and build took a head trained with one preprocessing on a base given another or
+    none, or beside other labels. Now each is a cache miss or a refusal naming both."""
+    path = export(Tiny("gemm"), tmp_path / "tiny.onnx")
+    (tmp_path / "pre.json").write_text(json.dumps(PRE))
+    (tmp_path / "other.json").write_text(json.dumps(PRE | {"mean": [0.1, 0.1, 0.1]}))
+    (tmp_path / "labels.txt").write_text("\n".join(f"thing {i}" for i in range(K)))
+    (tmp_path / "other.txt").write_text("\n".join(f"other {i}" for i in range(K)))
+    base = ["--base", str(path)]
+    run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--holdout", "0", *base,
+            "--preprocess", str(tmp_path / "pre.json"), "--labels", str(tmp_path / "labels.txt"))
+    again = run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h2.pt"), "--holdout", "0", *base,
+                    "--preprocess", str(tmp_path / "other.json"), "--labels", str(tmp_path / "labels.txt"))
+    assert "(0 cached)" in again.stderr  # other preprocessing, other features
+    for extra, said in ((["--preprocess", str(tmp_path / "other.json"), "--labels", str(tmp_path / "labels.txt")],
+                         "trained with preprocessing"),
+                        (["--labels", str(tmp_path / "labels.txt")], "trained with preprocessing"),
+                        (["--preprocess", str(tmp_path / "pre.json"), "--labels", str(tmp_path / "other.txt")],
+                         "other labels")):
+        r = run_cli("build", "--new-head", str(tmp_path / "h.pt"), "-o", str(tmp_path / "m"), *base, *extra, check=False)
+        assert r.returncode == 2 and said in r.stderr and not (tmp_path / "m").exists(), r.stderr
+    r = run_cli("build", "--new-head", str(tmp_path / "h.pt"), "-o", str(tmp_path / "m"), *base,
+                "--labels", str(tmp_path / "labels.txt"), check=False)
+    assert "WARNING" in r.stderr and "names no preprocessing" in r.stderr and "--preprocess FILE.json" in r.stderr

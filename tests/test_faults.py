@@ -205,3 +205,33 @@ def test_fifty_thousand_class_names_checked():
     check_class_names(names, "big head", taken=["tench"])  # linear: this took 44 s when it was quadratic
     with pytest.raises(ExtendserveError, match="more than once"):
         check_class_names(names + ["class 7"], "big head")
+
+
+def test_full_disk_and_non_finite_features_are_one_line_errors(synthetic_head, synthetic_data, tmp_path):
+    """A write that runs out of room (here: a 5 MB file-size limit, which fails writes as a full disk
+    does) and a base that computes NaN features once ended in raw tracebacks."""
+    import resource
+
+    def small_files() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 * 2**20, 5 * 2**20))
+
+    r = subprocess.run([sys.executable, "-m", "extendserve", "build", "--new-head", str(synthetic_head), "-o",
+                        str(tmp_path / "m"), "--no-store"], capture_output=True, text=True, preexec_fn=small_files,
+                       env=os.environ.copy(), timeout=600)
+    assert r.returncode == 2 and "no space left" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+    class NaNFeatures(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.log(x.mean(dim=(2, 3)) - 1e6))  # log of a negative number: NaN
+
+    torch.onnx.export(NaNFeatures().eval(), (torch.zeros(1, 3, 32, 32),), str(tmp_path / "nan.onnx"),
+                      input_names=["image"], output_names=["out"], dynamic_axes={"image": {0: "b"}}, dynamo=False)
+    r = run_cli("train-head", str(synthetic_data), "-o", str(tmp_path / "h.pt"), "--base", str(tmp_path / "nan.onnx"),
+                check=False)
+    assert r.returncode == 2 and "NaN or infinite features" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "h.pt").exists()

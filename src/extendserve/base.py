@@ -85,6 +85,12 @@ class Base:
                 "features": self.features, "feature_dim": self.feature_dim, "logits": self.logits,
                 "classes": len(self.labels), "opset": self.opset}
 
+    def identity(self) -> dict[str, Any]:
+        """What a head trained on this base depends on besides its weights: the preprocessing that
+        made its features and the labels served beside it. A feature cache key and build's check."""
+        return {"preprocess": self.preprocess.to_dict(),
+                "labels_sha256": hashlib.sha256("\n".join(self.labels).encode("utf-8")).hexdigest()}
+
     def adapted(self, outputs: Sequence[str] = ()) -> onnx.ModelProto:
         """uint8 NHWC ``pixels`` -> normalisation -> the base graph, with ``outputs`` (tensor names;
         'features' gives the pooled [B, D] features, 'logits' the base logits) as its outputs."""
@@ -258,17 +264,25 @@ def _input(model: onnx.ModelProto, where: str) -> tuple[str, str, int, int | Non
 
 def preprocess_from_file(path: str | os.PathLike[str] | None, size: int | None) -> PreprocessConfig:
     """``--preprocess FILE.json`` (torchvision's 0-1 units) -> our config (0-255 units)."""
-    d = dict(TORCHVISION)
-    if size:
-        d["crop"], d["resize"] = size, round(size * 256 / 224)
+    given = None
     if path is not None:
         try:
             given = json.loads(Path(path).read_text("utf-8"))
         except (OSError, ValueError) as e:
             raise ExtendserveError(f"--preprocess {path}: not a readable JSON file ({e})") from None
-        unknown = set(given) - set(TORCHVISION)
-        if not isinstance(given, dict) or unknown:
-            raise ExtendserveError(f"--preprocess {path}: expected keys {sorted(TORCHVISION)}, found {sorted(unknown)}")
+    return preprocess_config(given, size, f"--preprocess {path}")
+
+
+def preprocess_config(given: Any, size: int | None, where: str) -> PreprocessConfig:
+    """Keys ``resize``, ``crop``, ``interpolation``, ``mean``, ``std`` (0-1 units; torchvision's
+    ImageNet values for those absent) -> our config, every value checked."""
+    d = dict(TORCHVISION)
+    if size:
+        d["crop"], d["resize"] = size, round(size * 256 / 224)
+    if given is not None:
+        unknown = set(given) - set(TORCHVISION) if isinstance(given, dict) else {"(not an object)"}
+        if unknown:
+            raise ExtendserveError(f"{where}: expected keys {sorted(TORCHVISION)}, found {sorted(unknown)}")
         d |= given
     try:
         mean = [float(v) * 255 for v in d["mean"]]
@@ -276,17 +290,36 @@ def preprocess_from_file(path: str | os.PathLike[str] | None, size: int | None) 
         cfg = PreprocessConfig(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
                                mean=tuple(mean), std=tuple(std))  # type: ignore[arg-type]
     except (TypeError, ValueError) as e:
-        raise ExtendserveError(f"--preprocess {path}: bad value ({e})") from None
+        raise ExtendserveError(f"{where}: bad value ({e})") from None
     if not all(math.isfinite(v) for v in (*mean, *std)):
-        raise ExtendserveError(f"--preprocess {path}: mean and std must be finite numbers, not NaN or Infinity "
+        raise ExtendserveError(f"{where}: mean and std must be finite numbers, not NaN or Infinity "
                                f"(mean {d['mean']}, std {d['std']})")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not 0 < cfg.crop <= cfg.resize * 2:
-        raise ExtendserveError(f"--preprocess {path}: mean and std need 3 values each (std > 0), crop and resize "
+        raise ExtendserveError(f"{where}: mean and std need 3 values each (std > 0), crop and resize "
                                "positive sizes")
     if cfg.interpolation not in ("bilinear", "bicubic"):
-        raise ExtendserveError(f"--preprocess {path}: interpolation must be bilinear or bicubic")
+        raise ExtendserveError(f"{where}: interpolation must be bilinear or bicubic")
     if size and cfg.crop != size:
-        raise ExtendserveError(f"--preprocess {path}: crop {cfg.crop}, but the model's input is {size}x{size}")
+        raise ExtendserveError(f"{where}: crop {cfg.crop}, but the model's input is {size}x{size}")
+    return cfg
+
+
+def _preprocess_of(model: onnx.ModelProto, path: Any, size: int | None, where: str) -> PreprocessConfig:
+    """``--preprocess``, else the file's own ``preprocess`` metadata, else torchvision's ImageNet
+    values, said in one line: a wrong guess costs accuracy without any error."""
+    if path is not None:
+        return preprocess_from_file(path, size)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "preprocess" in meta:
+        try:
+            given = json.loads(meta["preprocess"])
+        except ValueError as e:
+            raise ExtendserveError(f"{where}: its 'preprocess' metadata is not JSON ({e}); give --preprocess FILE.json") from None
+        return preprocess_config(given, size, f"{where} (its 'preprocess' metadata)")
+    cfg = preprocess_config(None, size, where)
+    print(f"WARNING: {where} names no preprocessing (no --preprocess, no 'preprocess' metadata): assuming resize "
+          f"{cfg.resize}, centre crop {cfg.crop}, {cfg.interpolation}, torchvision's ImageNet mean and std; if the "
+          "model was trained otherwise, give --preprocess FILE.json", file=sys.stderr)
     return cfg
 
 
@@ -301,7 +334,10 @@ def _labels(path: str | os.PathLike[str] | None, model: onnx.ModelProto, k: int,
         except ValueError:
             labels = []
         source = f"{where} (its 'labels' metadata)"
-        labels = labels or [f"class_{i}" for i in range(k)]
+        if not labels:
+            print(f"WARNING: {where} names no labels (no --labels, no 'labels' metadata): its classes are served "
+                  f"as class_0 .. class_{k - 1}; give --labels FILE (one name a line)", file=sys.stderr)
+            labels = [f"class_{i}" for i in range(k)]
     if len(labels) != k:
         raise ExtendserveError(f"{source}: {len(labels)} labels for a classifier of {k} classes; give one a line")
     if any(not n.strip() for n in labels):
@@ -374,7 +410,7 @@ def _base_from_model(model: onnx.ModelProto, digest: str, name: str, source: str
             _rename(model.graph, owned, f"base/{owned}")
     name_in, layout, dtype, size = _input(model, where)
     features, is4d, logits, w, b = find_classifier(model, where)
-    cfg = preprocess if isinstance(preprocess, PreprocessConfig) else preprocess_from_file(preprocess, size)
+    cfg = preprocess if isinstance(preprocess, PreprocessConfig) else _preprocess_of(model, preprocess, size, where)
     labels_list = labels if isinstance(labels, list) else _labels(labels, model, w.shape[0], where)
     if not all(np.isfinite(w).ravel()) or not all(np.isfinite(b)):
         raise ExtendserveError(f"{where}: its classifier weights hold NaN or infinity")

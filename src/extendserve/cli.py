@@ -12,6 +12,7 @@ and serve the result.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -95,7 +96,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     head.name = a.name or out.stem
     head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
                           "negatives": None if neg is None else int(len(neg)), **weights_settings(a),
-                          "base_model": base.describe() | {"preprocess": base.preprocess.to_dict()},
+                          "base_model": base.describe() | base.identity(),
                           "heldout": report.heldout})
     head.save(out)
     print(f"classes ({len(ds.classes)}), photos used per class:")
@@ -198,6 +199,7 @@ def cmd_build(a: argparse.Namespace) -> int:
     for i, path in enumerate(a.new_head or []):
         h = load_head(path, classes[i] if classes else None, backbone=base.name)
         h.check_fits(base.name, base.feature_dim, base.digest, force=a.force)
+        h.check_identity(base.identity())
         if recorded is not None and h.digest() != recorded["heads"][i + 1]["digest"]:
             raise ExtendserveError(f"{path} changed since {a.from_manifest} was built (its digest differs); "
                                    "restore that head file, or build afresh with --new-head")
@@ -516,6 +518,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err("interrupted; nothing was half-written")
         return 130
+    except OSError as e:  # a full disk, a folder that cannot be written: said in one line, with the fix
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            err(f"error: no space left on the disk (or over the file size limit) writing {e.filename or 'a file'}; free some space, or build "
+                "into another folder (-o) or cache (EXTENDSERVE_CACHE); nothing was half-written")
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            err(f"error: cannot write {e.filename or 'a file'} ({e.strerror}); choose a folder you can write "
+                "(-o, EXTENDSERVE_CACHE)")
+        else:
+            raise
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Extraction runs the base graph up to its features in onnxruntime (5x faster than
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import zipfile
@@ -180,9 +181,11 @@ class FeatureExtractor:
 
     def __init__(self, base: Base, cache: Path | None = None):
         self.base = base
+        # The preprocessing is part of the key: features made with other preprocessing are others.
+        pre = hashlib.sha256(json.dumps(base.preprocess.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
         key = f"{base.name}-{base.digest[:16]}"
-        self.cache = FeatureCache((cache or cache_root()) / "features" / key / f"views-v{VIEWS_VERSION}",
-                                  f"{key}/{base.digest}/{VIEWS_VERSION}", (len(VIEWS), base.feature_dim))
+        self.cache = FeatureCache((cache or cache_root()) / "features" / key / f"views-v{VIEWS_VERSION}-{pre}",
+                                  f"{key}/{base.digest}/{VIEWS_VERSION}/{pre}", (len(VIEWS), base.feature_dim))
         self._session = None
 
     def session(self):  # type: ignore[no-untyped-def]
@@ -209,6 +212,10 @@ class FeatureExtractor:
             if not pending:
                 return
             out = self.run(np.concatenate([v for _, _, v in pending]))
+            if not np.isfinite(out).all():  # never cached, never trained on
+                raise ExtendserveError(
+                    f"the base computed NaN or infinite features for {files[pending[0][0]]}; check "
+                    "its --preprocess (a std of 0 or a wrong scale) and that the model runs in onnxruntime alone")
             for j, (i, key, _) in enumerate(pending):
                 f = np.ascontiguousarray(out[j * len(VIEWS) : (j + 1) * len(VIEWS)], dtype=np.float32)
                 self.cache.put(key, f)

@@ -108,6 +108,25 @@ class Head:
             warnings.warn(msg + "; building anyway because of --force", stacklevel=2)
 
 
+    def check_identity(self, identity: dict[str, Any]) -> None:
+        """Refuse a head trained with other preprocessing or beside other labels than the base it
+        is built on has (heads written before these were recorded are not checked)."""
+        trained = (self.settings or {}).get("base_model") or {}
+        where = self.source or self.name
+        if "preprocess" in trained and trained["preprocess"] != identity["preprocess"]:
+            raise HeadFileError(
+                f"{where}: the head was trained with preprocessing {_short(trained['preprocess'])}, but this base "
+                f"has {_short(identity['preprocess'])}; build with the --preprocess it was trained with, or retrain it")
+        if "labels_sha256" in trained and trained["labels_sha256"] != identity["labels_sha256"]:
+            raise HeadFileError(f"{where}: the head was trained beside other labels of the base (sha256 "
+                                f"{trained['labels_sha256'][:12]}, these are {identity['labels_sha256'][:12]}); "
+                                "build with the --labels it was trained with, or retrain it")
+
+
+def _short(pre: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in pre.items())
+
+
 # --------------------------------------------------------------------------- reading
 
 
