@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import photos, write_section  # noqa: E402
 from http_bench import serving  # noqa: E402
+
+from common import photos, write_section  # noqa: E402
 
 
 def bad_inputs() -> dict[str, bytes]:

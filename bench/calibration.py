@@ -99,7 +99,8 @@ def main() -> None:
                        "top1_before_odd": ev_odd["imagenet"]["top1_before"],
                        "top1_after_odd": ev_odd["imagenet"]["top1_after"]}
                 if not use_neg:
-                    ev_all = json.loads(run("eval", "--model", str(model), "--imagenet", str(shared / "imagenet-sample"), "--json"))
+                    ev_all = json.loads(run("eval", "--model", str(model), "--imagenet", str(shared / "imagenet-sample"),
+                                            "--json"))
                     row |= {"stolen_all": ev_all["imagenet"]["stolen"], "top1_before_all": ev_all["imagenet"]["top1_before"],
                             "top1_after_all": ev_all["imagenet"]["top1_after"]}
                 results.append(row)

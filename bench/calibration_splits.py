@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine
 from extendserve.backbone import load_backbone
 from extendserve.base import builtin_base
 from extendserve.features import FeatureExtractor, scan_folder
 from extendserve.train import TrainSettings, fit, score_features
+
+from common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"

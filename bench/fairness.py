@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, photos, write_section  # noqa: E402
 from http_bench import post, serving  # noqa: E402
+
+from common import ROOT, photos, write_section  # noqa: E402
 
 
 def post_batch(url: str, bodies: list[bytes]) -> tuple[int, float]:

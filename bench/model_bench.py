@@ -24,14 +24,14 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_rate, torch_merged, write_section  # noqa: E402
-
 from extendserve.backbone import load_backbone  # noqa: E402
 from extendserve.base import builtin_base  # noqa: E402
 from extendserve.head import Head  # noqa: E402
 from extendserve.merge import merged_model  # noqa: E402
 from extendserve.onnx_export import export_module  # noqa: E402
 from extendserve.runtime import make_session  # noqa: E402
+
+from common import best_rate, torch_merged, write_section  # noqa: E402
 
 
 class NewOnly(nn.Module):
@@ -120,7 +120,7 @@ def main() -> None:
 
     # 3. session options, CPU: threads and graph optimisation, by batch size
 
-    def session(threads: int, level: "ort.GraphOptimizationLevel", path: str | None = None) -> ort.InferenceSession:
+    def session(threads: int, level: ort.GraphOptimizationLevel, path: str | None = None) -> ort.InferenceSession:
         o = ort.SessionOptions()
         o.intra_op_num_threads = threads
         o.graph_optimization_level = level
@@ -152,7 +152,7 @@ def main() -> None:
         o.optimized_model_filepath = str(opt_path)
         ort.InferenceSession(str(raw), o, providers=["CPUExecutionProvider"])
 
-        def start(path: Path, level: "ort.GraphOptimizationLevel") -> float:
+        def start(path: Path, level: ort.GraphOptimizationLevel) -> float:
             best = float("inf")
             for _ in range(3):
                 t0 = time.perf_counter()

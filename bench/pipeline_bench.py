@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import best_rate, generated, photos, write_section  # noqa: E402
-
 from extendserve.preprocess import decode, prepare, resize_crop  # noqa: E402
 from extendserve.runtime import Model  # noqa: E402
+
+from common import best_rate, generated, photos, write_section  # noqa: E402
 
 BATCH = 16
 
@@ -71,7 +71,8 @@ def main() -> None:
              f"| decode + resize + crop alone ({cores} threads) | {r_dec:.1f} |",
              f"| model alone (batch {BATCH}) | {r_model:.1f} |",
              f"| what the two allow together, 1/(1/decode + 1/model) | {allowed:.1f} |",
-             f"| end to end, decode overlapped with the model | {r_e2e:.1f} (**{r_e2e / allowed:.2f}** of what the parts allow) |",
+             f"| end to end, decode overlapped with the model | {r_e2e:.1f} "
+             f"(**{r_e2e / allowed:.2f}** of what the parts allow) |",
              "", f"Stacking 32 crops into one uint8 batch: {1e6 / stack_us:.1f} us a photo "
              f"({100 * r_e2e / stack_us:.2f}% of end-to-end time): copying is not where the time goes."]
     print("\n".join(lines), flush=True)

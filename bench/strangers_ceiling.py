@@ -16,10 +16,11 @@ import argparse
 import numpy as np
 import torch
 
-from world_splits import Bench
 from extendserve.backbone import load_backbone
 from extendserve.base import builtin_base
 from extendserve.calibrated import fit_ranker, power
+
+from world_splits import Bench
 
 
 def auroc(pos: np.ndarray, neg: np.ndarray) -> float:

@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from calibration import fixed_split, link_tree, run  # noqa: E402
+
 from common import SHARED, best_rate, write_section  # noqa: E402
 
 
@@ -51,7 +52,8 @@ def main() -> None:
     for (k, ev, size, secs, _), sp in zip(rows, speeds):
         im = ev["imagenet"]
         lines.append(f"| {k} | {ev['new']['accuracy']:.1%} of {ev['new']['photos']} | {im['stolen']:.1%} | "
-                     f"{im['top1_before']:.1%} -> {im['top1_after']:.1%} | {size:.1f} | {sp:.1f} | {sp / speeds[0]:.2f} | {secs:.0f} |")
+                     f"{im['top1_before']:.1%} -> {im['top1_after']:.1%} | {size:.1f} | {sp:.1f} | "
+                     f"{sp / speeds[0]:.2f} | {secs:.0f} |")
     print("\n".join(lines))
     write_section("unfreeze", "Partial unfreezing: --unfreeze-top K on the shared celebrities",
                   "python bench/unfreeze_bench.py", "Fixed split: 4 held-out photos per person (seed 0); "

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import SAMPLE, SHARED, machine
 from extendserve.backbone import load_backbone
 from extendserve.base import builtin_base
 from extendserve.calibrated import fit_ranker
@@ -30,6 +29,8 @@ from extendserve.features import FeatureExtractor, scan_folder
 from extendserve.imagenet import synset_index
 from extendserve.train import TrainSettings, fit, score_features
 from extendserve.world import Background
+
+from common import SAMPLE, SHARED, machine
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = {"dogs": [(151, 268)], "birds": [(7, 24), (80, 100), (127, 146)], "reptiles": [(25, 68)],

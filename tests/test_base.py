@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CELEBS, IMAGENET_SAMPLE, needs_shared, run_cli, synthetic_photo
-from extendserve.base import find_classifier, load_base
+from extendserve.base import load_base
 from extendserve.imagenet import imagenet_labels
 from extendserve.preprocess import prepare_file
 from extendserve.runtime import Model
+
+from conftest import IMAGENET_SAMPLE, needs_shared, run_cli
 
 K = 7  # the tiny bases' own classes
 PRE = {"resize": 40, "crop": 32, "interpolation": "bilinear", "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3]}

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import jpeg_bytes, run_cli, synthetic_photo
 from extendserve.errors import ExtendserveError
 from extendserve.names import check_class_names
 from extendserve.runtime import Model
 
+from conftest import jpeg_bytes, run_cli, synthetic_photo
 
 # --------------------------------------------------------------------------- build -o never deletes
 

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli, synthetic_photo
 from extendserve.config import BACKBONES
+
+from conftest import ROOT, run_cli, synthetic_photo
 
 
 @pytest.mark.parametrize("per_class", [1, 2])

@@ -3,13 +3,11 @@
 import json
 import os
 
-import pytest
-
 import numpy as np
 import onnx
+import pytest
 import torch
 
-from extendserve.backbone import load_backbone
 from extendserve.head import load_head
 from extendserve.preprocess import resize_crop
 from extendserve.runtime import Model

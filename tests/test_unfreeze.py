@@ -36,8 +36,9 @@ def test_head_carries_the_fine_tuned_copy(unfrozen_head):
 
 
 def test_two_branch_build_keeps_imagenet_exact(unfrozen_head, synthetic_head, tmp_path):
-    from conftest import jpeg_bytes, synthetic_photo
     from extendserve.preprocess import prepare
+
+    from conftest import jpeg_bytes, synthetic_photo
 
     run_cli("build", "--new-head", str(unfrozen_head), "-o", str(tmp_path / "m"))
     run_cli("build", "-o", str(tmp_path / "plain"))

@@ -6,14 +6,15 @@ Adding a backbone is one ``register(BackboneSpec(...))`` call; nothing else name
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import importlib
-import fnmatch
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -122,10 +123,10 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(1280, num_classes)
         self.num_features = 1280
 
-    def forward_trunk(self, x: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        """Stem and the first ``upto`` blocks (all when None): the part a branch may share."""
+    def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and every block: the activation the head conv takes."""
         x = self.act(self._bn0(self._conv_stem(x)))
-        for block in self._blocks[:upto]:
+        for block in self._blocks:
             x = block(x)
         return x
 
@@ -135,17 +136,6 @@ class EfficientNetLite(nn.Module):
             x = block(x)
         x = self.act(self._bn1(self._conv_head(x)))
         return x.mean(dim=(2, 3))
-
-    def forward_tapped(self, x: torch.Tensor, taps: Sequence[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Pooled features, plus the activation entering each block index in ``taps``: where a
-        fine-tuned copy of the top blocks branches off the shared trunk."""
-        x = self.act(self._bn0(self._conv_stem(x)))
-        saved = {}
-        for i, block in enumerate(self._blocks):
-            if i in taps:
-                saved[i] = x
-            x = block(x)
-        return self.forward_top(x, len(self._blocks)), saved
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised NCHW float input -> pooled features [B, 1280]."""

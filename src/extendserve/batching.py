@@ -8,7 +8,7 @@ load a photo waits at most the window; under load batches fill and the window ne
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,8 +20,6 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None
-        self.calls = 0  # model calls made, for tests and /metrics-style checks
-        self.items = 0
 
     async def submit(self, pixels: np.ndarray) -> np.ndarray:
         """One photo's uint8 pixels -> its row of logits."""
@@ -60,8 +58,6 @@ class MicroBatcher:
                     if not f.done():
                         f.set_exception(e)
                 continue
-            self.calls += 1
-            self.items += len(batch)
             for (_, f), row in zip(batch, out):
                 if not f.done():
                     f.set_result(row)

@@ -31,7 +31,6 @@ more held-out photos through at the same stolen share.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np

@@ -142,7 +142,7 @@ class Fitted:
 def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: Any,
                    background: Background | None, label: str = "training") -> Head:
     """A ``calibrated`` head from training features [m, V, D] and the base's world (or None)."""
-    n, dim = len(classes), feats.shape[-1]
+    n = len(classes)
     p = s.tukey if feats.min() >= 0 and (background is None or background.features.min() >= 0) else 1.0
     t = power(feats, p)
     metric = fit_metric(t, labels, n, s.gate_shrinkage, s.gate_rank)

@@ -17,8 +17,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import ExtendserveError
 
@@ -83,7 +84,8 @@ def cmd_train_head(a: argparse.Namespace) -> int:
                 "Give photos of everyday things that are none of the new classes with --negatives DIR")
         else:
             err(f"background: {world.source} ({len(world)} photos)")
-    settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed, holdout=a.holdout,
+    settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
+                             holdout=a.holdout,
                              augment=not a.no_augment, gate=a.gate, gate_quantile=a.gate_quantile,
                              gate_scale=a.gate_scale, gate_shrinkage=a.gate_shrinkage)
     if a.unfreeze_top:
@@ -437,7 +439,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--name", help="head name shown with predictions (default: the file's stem)")
     t.add_argument("--method", default=None, choices=["calibrated", "gated", "joint", "naive"],
                    help="calibrated: one probability model with the base's classes, judged against the base's "
-                        "background (default; gated with --unfreeze-top); gated: the earlier gate fitted on the new photos alone; joint: rows "
+                        "background (default; gated with --unfreeze-top); gated: the earlier gate fitted on the new "
+                        "photos alone; joint: rows "
                         "trained in the joint softmax with the base's classes; naive: an N-way head on its own")
     t.add_argument("--negatives", help="folder of photos that are none of the new classes: added to the base's "
                                        "background (a base without one, --base FILE, needs them for a safe head)")
@@ -520,8 +523,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as e:  # a full disk, a folder that cannot be written: said in one line, with the fix
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            err(f"error: no space left on the disk (or over the file size limit) writing {e.filename or 'a file'}; free some space, or build "
-                "into another folder (-o) or cache (EXTENDSERVE_CACHE); nothing was half-written")
+            err(f"error: no space left on the disk (or over the file size limit) writing {e.filename or 'a file'}; "
+                "free some space, or build into another folder (-o) or cache (EXTENDSERVE_CACHE); nothing was half-written")
         elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             err(f"error: cannot write {e.filename or 'a file'} ({e.strerror}); choose a folder you can write "
                 "(-o, EXTENDSERVE_CACHE)")

@@ -40,7 +40,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         return cls(
             resize=int(d["resize"]),
             crop=int(d["crop"]),

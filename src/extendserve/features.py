@@ -11,18 +11,18 @@ import json
 import os
 import sys
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .base import PIXELS, Base
 from .config import PreprocessConfig, cache_root
-from .progress import progress
 from .errors import BadImageError, ExtendserveError
 from .preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_regular_file, resize_shorter
+from .progress import progress
 
 # View 0 is exactly what the served model sees; the rest are the training augmentation.
 VIEWS = ("center", "center-flip", "tl", "tr", "bl", "br", "tl-flip", "tr-flip", "bl-flip", "br-flip",

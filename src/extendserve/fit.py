@@ -4,7 +4,8 @@ module and not each other. ``s`` is a :class:`train.TrainSettings`."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

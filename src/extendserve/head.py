@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .errors import ExtendserveError, HeadFileError
 from .checkpoint import safe_load
+from .errors import ExtendserveError, HeadFileError
 from .names import check_class_names, read_names
 
 FORMAT = "extendserve-head"

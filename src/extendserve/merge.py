@@ -13,7 +13,7 @@ logits (a ``--unfreeze-top`` head: the activation entering its first copied bloc
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import onnx
 from onnx import TensorProto, helper

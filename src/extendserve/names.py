@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import unicodedata
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import BadImageError, ExtendserveError
 from .preprocess import read_regular_file

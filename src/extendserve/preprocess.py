@@ -130,8 +130,8 @@ def center_crop(a: np.ndarray, size: int, flip: bool = False) -> np.ndarray:
     if h < size or w < size:  # thin strips: pad with the neutral colour, as torchvision pads
         out = np.empty((max(h, size), max(w, size), 3), np.uint8)
         out[...] = _NEUTRAL
-        t, l = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
-        out[t : t + h, l : l + w] = a
+        top, left = (out.shape[0] - h) // 2, (out.shape[1] - w) // 2
+        out[top : top + h, left : left + w] = a
         a, h, w = out, out.shape[0], out.shape[1]
     top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     a = a[top : top + size, left : left + size]

@@ -10,11 +10,13 @@ only after a restart of the whole service, never by some workers and not others.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from .errors import ExtendserveError
 from .runtime import read_model_dir
 
 PIN_ENV = "EXTENDSERVE_PINNED_MODEL"
+log = logging.getLogger("extendserve")
 
 
 def pin_model(directory: str | os.PathLike[str]) -> Path:
@@ -103,3 +106,31 @@ def give_back_memory() -> None:
         ctypes.CDLL(name).malloc_trim(0)
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def resolve_served_model(service_file: str | os.PathLike[str], device: str,
+                         env: MutableMapping[str, str] = os.environ) -> tuple[str | None, Path, Path]:
+    """Which model this service serves: (store tag or None, its folder, the pinned copy).
+
+    ``EXTENDSERVE_MODEL_DIR`` names a folder (development); else a bento serves the model it packs
+    (a different ``EXTENDSERVE_MODEL`` is ignored with one line), else ``EXTENDSERVE_MODEL`` names a
+    store tag (default the demo's). The main process resolves ``latest`` once and its workers inherit
+    the concrete tag through ``env``, so a model saved later is not served by a worker that restarts;
+    the device is checked once, in a short-lived child process."""
+    from .store import DEFAULT_TAG, packed_tag, resolve
+
+    tag: str | None = None
+    if env.get("EXTENDSERVE_MODEL_DIR"):
+        source = Path(env["EXTENDSERVE_MODEL_DIR"])
+    else:
+        packed, asked = packed_tag(service_file), env.get("EXTENDSERVE_MODEL")
+        if packed and asked and asked != packed:
+            log.warning("extendserve: this bento serves the model it packs, %s; EXTENDSERVE_MODEL=%s is ignored "
+                        "(build another bento to serve another model)", packed, asked)
+        tag, source = resolve(packed or asked or DEFAULT_TAG)
+        env["EXTENDSERVE_MODEL"] = tag
+    pinned = served_model_dir(source)
+    if env.get("EXTENDSERVE_DEVICE_CHECKED") != str(pinned):
+        check_device(pinned, device)
+        env["EXTENDSERVE_DEVICE_CHECKED"] = str(pinned)
+    return tag, source, pinned

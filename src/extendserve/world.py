@@ -27,7 +27,7 @@ class Background:
     def __len__(self) -> int:
         return len(self.features)
 
-    def without(self, positives: np.ndarray, threshold: float = 0.995) -> "Background":
+    def without(self, positives: np.ndarray, threshold: float = 0.995) -> Background:
         """Drop background photos that are (near) copies of a new photo: a class trained on
         ImageNet photos must not be judged against those very photos."""
         if not len(self.features) or not len(positives):

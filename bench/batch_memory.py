@@ -1,0 +1,68 @@
+"""A worker's memory after several big batches at once: is it given back?
+
+One worker serves a model folder; one 64-photo batch warms it up, then six 64-photo batches of
+2000x1500 PNGs (9 MB each once decoded, compressed to a few KB) are sent at once. Prints the
+worker's resident memory before and two seconds after. Usage:
+python bench/batch_memory.py MODEL_DIR [--runs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_service import Server  # noqa: E402  (the tests' own `bentoml serve` wrapper)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def photos(n: int = 64) -> list[bytes]:
+    yy, xx = np.mgrid[0:1500, 0:2000]
+    out = []
+    for i in range(n):
+        a = np.stack([(xx * 255 // 2000 + i) % 256, yy * 255 // 1500, np.full_like(xx, 40 * (i % 5))], -1)
+        buf = io.BytesIO()
+        Image.fromarray(a.astype(np.uint8)).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir")
+    ap.add_argument("--runs", type=int, default=2)
+    a = ap.parse_args()
+    batch = [("images", p, f"{i}.png") for i, p in enumerate(photos())]
+    for run in range(a.runs):
+        s = Server(Path(a.model_dir), Path(tempfile.mkdtemp()), EXTENDSERVE_WORKERS="1",
+                   EXTENDSERVE_MAX_BATCH_PHOTOS="300")
+        try:
+            (worker,) = s.workers()
+            assert s.post("/classify_batch", batch)[0] == 200
+            time.sleep(1)
+            before = rss_mb(worker)
+            with ThreadPoolExecutor(6) as ex:
+                statuses = list(ex.map(lambda _: s.post("/classify_batch", batch)[0], range(6)))
+            time.sleep(2)
+            print(f"run {run + 1}: {statuses.count(200)}/6 batches answered, worker {before:.0f} MB before, "
+                  f"{rss_mb(worker):.0f} MB after (+{rss_mb(worker) - before:.0f})", flush=True)
+        finally:
+            s.stop()
+
+
+if __name__ == "__main__":
+    main()
