@@ -209,8 +209,8 @@ def test_external_data_custom_domains_and_invalid_graphs_are_refused(synthetic_d
 @pytest.mark.parametrize("key, value", [("std", "[0.2, Infinity, 0.2]"), ("mean", "[NaN, 0.4, 0.3]")])
 def test_preprocess_takes_finite_values_only(tmp_path, key, value):
     """JSON readers take NaN and Infinity: a std of Infinity once built a model that zeroed a channel."""
-    from extendserve.base import preprocess_from_file
     from extendserve.errors import ExtendserveError
+    from extendserve.onnx_file import preprocess_from_file
 
     pre = dict(PRE)
     text = json.dumps({k: v for k, v in pre.items() if k != key})[:-1] + f', "{key}": {value}}}'
