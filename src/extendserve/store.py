@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from .errors import ExtendserveError
 
 PREFIX = "extendserve-"
 DEFAULT_TAG = f"{PREFIX}default:latest"
+SAVING_S = 120  # a version whose files changed this recently may still be being saved: left alone
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 
 
@@ -55,6 +57,9 @@ def drop_broken_versions(name: str) -> list[str]:
     if not root.is_dir() or not name.startswith(PREFIX):
         return dropped
     for version in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = [f for f in version.rglob("*") if f.is_file()]
+        if files and time.time() - max(f.stat().st_mtime for f in files) < SAVING_S:
+            continue  # written a moment ago: maybe a save in progress in another process
         try:
             if not (version / "model.yaml").is_file():
                 raise ExtendserveError("no model.yaml")
