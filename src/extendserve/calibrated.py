@@ -139,15 +139,11 @@ class Fitted:
         return self.h(self.evidence(feats, world_d)).max(1) - _log_softmax(feats @ self.base_w.T + self.base_b).max(1)
 
 
-def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: Any,
-                   background: Background | None, label: str = "training") -> Head:
-    """A ``calibrated`` head from training features [m, V, D] and the base's world (or None)."""
-    n = len(classes)
-    p = s.tukey if feats.min() >= 0 and (background is None or background.features.min() >= 0) else 1.0
-    t = power(feats, p)
-    metric = fit_metric(t, labels, n, s.gate_shrinkage, s.gate_rank)
-    rw, rb = fit_ranker(t, labels, n, s.ranker_c, label)
-    # out-of-fold evidence of the training photos
+def _out_of_fold(t: np.ndarray, labels: np.ndarray, n: int, s: Any, rw: np.ndarray, rb: np.ndarray,
+                 label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class distances and ranker scores [m, n] of each training photo's served view by the metric
+    and ranker fitted without its fold, and which classes that fold's fit knew (a class whose photos
+    are all held out is unknown there, unless it is the photo's own: then its other views stand in)."""
     fold = _folds(labels, n, s.gate_folds, s.seed)
     d_oof, r_oof = np.zeros((len(labels), n)), np.zeros((len(labels), n))
     avail = np.ones((len(labels), n), bool)
@@ -171,51 +167,70 @@ def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
                     r_oof[i, c] = r_oof[i, kept].max() if len(kept) else 0.0
                 else:
                     avail[i, c] = False
-    extras: dict[str, torch.Tensor] = {}
-    figures: dict[str, Any] = {}
+    return d_oof, r_oof, avail
+
+
+def _against_world(fitted: Fitted, base: Base, feats: np.ndarray, t: np.ndarray, labels: np.ndarray, n: int,
+                   oof: tuple[np.ndarray, np.ndarray, np.ndarray], bg: Background, s: Any) -> dict[str, Any]:
+    """Fit the world's Gaussian, then the evidence weights and offset of ``fitted`` against the
+    background; the figures for the head's settings."""
+    d_oof, r_oof, avail = oof
+    tb = power(bg.features, fitted.p)
+    world = fit_metric(tb[:, None, :], np.zeros(len(tb), np.int64), 1, s.world_shrinkage, s.gate_rank)
+    bf = np.arange(len(tb)) % 5
+    world_oof = np.empty(len(tb))
+    for j in range(5):
+        mj = fit_metric(tb[bf != j, None, :], np.zeros(int((bf != j).sum()), np.int64), 1, s.world_shrinkage, s.gate_rank)
+        world_oof[bf == j] = mj.distances(tb[bf == j])[:, 0]
+    fitted.world = world
+    conf_p = _log_softmax(feats[:, 0] @ base.weight.T + base.bias).max(1)
+    xp = _evidence(d_oof, r_oof, world.distances(t[:, 0])[:, 0], conf_p)
+    xb = fitted.evidence(bg.features, world_oof)
+    x = np.concatenate([xp, xb])
+    mu = x.reshape(-1, 4).mean(0)
+    sd = x.reshape(-1, 4).std(0) + 1e-9
+    a, b0 = _conditional_logit((x - mu) / sd, np.concatenate([avail, np.ones((len(tb), n), bool)]),
+                               np.concatenate([labels + 1, np.zeros(len(tb), np.int64)]),
+                               np.concatenate([np.full(len(labels), 0.5 / len(labels)), np.full(len(tb), 0.5 / len(tb))]),
+                               s.calibration_l2)
+    fitted.coef, fitted.offset = a / sd, b0 - float((a * mu / sd).sum())
+    q = float(np.quantile(fitted.margin(bg.features, world_oof), 1 - s.max_taken))
+    lowered = max(0.0, q + s.taken_margin)
+    fitted.offset -= lowered
+    return {"background": bg.source, "background_photos": int(len(tb)),
+            "background_taken_in_sample": float((fitted.margin(bg.features, world_oof) > 0).mean()),
+            "offset_lowered_by": lowered}
+
+
+def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: Any,
+                   background: Background | None, label: str = "training") -> Head:
+    """A ``calibrated`` head from training features [m, V, D] and the base's world (or None)."""
+    n = len(classes)
+    p = s.tukey if feats.min() >= 0 and (background is None or background.features.min() >= 0) else 1.0
+    t = power(feats, p)
+    metric = fit_metric(t, labels, n, s.gate_shrinkage, s.gate_rank)
+    rw, rb = fit_ranker(t, labels, n, s.ranker_c, label)
+    oof = _out_of_fold(t, labels, n, s, rw, rb, label)
+    fitted = Fitted(p, metric, None, rw, rb, np.zeros(4), 0.0, base.weight, base.bias)
     if background is not None and len(background) >= 20:
-        bg = background.without(feats[:, 0])
-        tb = power(bg.features, p)
-        world = fit_metric(tb[:, None, :], np.zeros(len(tb), np.int64), 1, s.world_shrinkage, s.gate_rank)
-        bf = np.arange(len(tb)) % 5
-        world_oof = np.empty(len(tb))
-        for j in range(5):
-            mj = fit_metric(tb[bf != j, None, :], np.zeros(int((bf != j).sum()), np.int64), 1, s.world_shrinkage, s.gate_rank)
-            world_oof[bf == j] = mj.distances(tb[bf == j])[:, 0]
-        fitted = Fitted(p, metric, world, rw, rb, np.zeros(4), 0.0, base.weight, base.bias)
-        conf_p = _log_softmax(feats[:, 0] @ base.weight.T + base.bias).max(1)
-        xp = _evidence(d_oof, r_oof, world.distances(t[:, 0])[:, 0], conf_p)
-        xb = fitted.evidence(bg.features, world_oof)
-        x = np.concatenate([xp, xb])
-        mu = x.reshape(-1, 4).mean(0)
-        sd = x.reshape(-1, 4).std(0) + 1e-9
-        a, b0 = _conditional_logit((x - mu) / sd, np.concatenate([avail, np.ones((len(tb), n), bool)]),
-                                   np.concatenate([labels + 1, np.zeros(len(tb), np.int64)]),
-                                   np.concatenate([np.full(len(labels), 0.5 / len(labels)), np.full(len(tb), 0.5 / len(tb))]),
-                                   s.calibration_l2)
-        fitted.coef, fitted.offset = a / sd, b0 - float((a * mu / sd).sum())
-        q = float(np.quantile(fitted.margin(bg.features, world_oof), 1 - s.max_taken))
-        lowered = max(0.0, q + s.taken_margin)
-        fitted.offset -= lowered
-        extras |= {"world_mean": torch.from_numpy(world.means), "world_basis": torch.from_numpy(world.basis),
-                   "world_basis_weights": torch.from_numpy(world.weights), "world_sigma": torch.tensor([world.sigma])}
-        figures = {"background": bg.source, "background_photos": int(len(tb)),
-                   "background_taken_in_sample": float((fitted.margin(bg.features, world_oof) > 0).mean()),
-                   "offset_lowered_by": lowered}
+        figures = _against_world(fitted, base, feats, t, labels, n, oof, background.without(feats[:, 0]), s)
     else:  # no world to judge against: the gate of the positives alone (README: what this risks)
-        scale = s.gate_scale
-        own = d_oof[np.arange(len(labels)), labels]
+        own = oof[0][np.arange(len(labels)), labels]
         thr = float(np.quantile(own, 1 - s.gate_quantile))
-        coef = np.array([scale / thr, 1.0, 0.0, 0.0])  # h = scale * (1 - d / thr) + (r - max r)
-        fitted = Fitted(p, metric, None, rw, rb, coef, scale, base.weight, base.bias)
+        fitted.coef = np.array([s.gate_scale / thr, 1.0, 0.0, 0.0])  # h = scale * (1 - d / thr) + (r - max r)
+        fitted.offset = s.gate_scale
         figures = {"background": None, "background_photos": 0}
+    extras: dict[str, torch.Tensor] = {}
+    if fitted.world is not None:
+        w = fitted.world
+        extras |= {"world_mean": torch.from_numpy(w.means), "world_basis": torch.from_numpy(w.basis),
+                   "world_basis_weights": torch.from_numpy(w.weights), "world_sigma": torch.tensor([w.sigma])}
     extras |= {"means": torch.from_numpy(metric.means), "basis": torch.from_numpy(metric.basis),
                "basis_weights": torch.from_numpy(metric.weights), "sigma": torch.tensor([metric.sigma]),
                "power": torch.tensor([p]), "coef": torch.from_numpy(fitted.coef.astype(np.float32)),
                "offset": torch.tensor([fitted.offset])}
-    head = Head(classes=list(classes), weight=torch.from_numpy(rw), bias=torch.from_numpy(rb), backbone=base.name,
+    return Head(classes=list(classes), weight=torch.from_numpy(rw), bias=torch.from_numpy(rb), backbone=base.name,
                 backbone_digest=base.digest, method="calibrated",
                 extras={k: v.float().contiguous() for k, v in extras.items()},
                 settings=s.to_dict() | {"evidence": dict(zip(EVIDENCE, map(float, fitted.coef))),
                                         "offset": float(fitted.offset)} | figures)
-    return head
