@@ -34,11 +34,49 @@ def err(msg: str) -> None:
 # --------------------------------------------------------------------------- train-head
 
 
+def _negatives_and_world(a: argparse.Namespace, base: Any, fx: Any) -> tuple[Any, Any]:
+    """Features of ``--negatives`` (or None) and the base's world the head is judged against."""
+    from .preprocess import list_images
+    from .world import background_for
+
+    neg = None
+    if a.negatives:
+        nds = list_images(a.negatives) if Path(a.negatives).is_dir() else []
+        if not nds:
+            raise ExtendserveError(f"--negatives {a.negatives}: not a folder with photos")
+        neg, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
+        err(f"negatives: {len(neg)} photos ({nhits} cached)")
+    world = background_for(base, None if neg is None else neg[:, 0])  # judged against it, whatever the method
+    if a.method == "calibrated":
+        if world is None:
+            err("WARNING: no background for this base: the head cannot be judged against anything the base "
+                "knows, so its gate comes from the new photos alone and it may take photos of other kinds. "
+                "Give photos of everyday things that are none of the new classes with --negatives DIR")
+        else:
+            err(f"background: {world.source} ({len(world)} photos)")
+    return neg, world
+
+
+def _print_report(report: Any, classes: int, seed: int) -> None:
+    print(f"classes ({len(report.counts)}), photos used per class:")
+    for c, n in report.counts.items():
+        print(f"  {n:5d}  {c}")
+    if report.heldout:
+        h = report.heldout
+        print(f"held-out accuracy: {h['accuracy']:.3f} on {h['photos']} photos "
+              f"(top-1 among all {classes} classes; seed {seed})")
+        if "background_taken" in h:
+            print(f"background taken: {h['background_taken']:.1%} of {h['background_photos']} held-out background "
+                  "photos named as a new class (the head of this check was fitted on the other half)")
+    else:
+        print("held-out accuracy: not measured (needs at least 5 photos in every class)")
+    warn_if_takes_world(report.heldout.get("background_taken") if report.heldout else None, "held-out")
+
+
 def cmd_train_head(a: argparse.Namespace) -> int:
     import numpy as np
 
     from .features import FeatureExtractor, scan_folder
-    from .preprocess import list_images
     from .train import TrainSettings, train_head
 
     out = Path(a.output)
@@ -67,23 +105,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     for p, why in skipped:
         err(f"skipped {p}: {why}")
     labels = np.array([ds.labels[i] for i in ok], dtype=np.int64)
-    neg = None  # features of the negatives, when given
-    if a.negatives:
-        nds = list_images(a.negatives) if Path(a.negatives).is_dir() else []
-        if not nds:
-            raise ExtendserveError(f"--negatives {a.negatives}: not a folder with photos")
-        neg, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
-        err(f"negatives: {len(neg)} photos ({nhits} cached)")
-    from .world import background_for
-
-    world = background_for(base, None if neg is None else neg[:, 0])  # judged against it, whatever the method
-    if a.method == "calibrated":
-        if world is None:
-            err("WARNING: no background for this base: the head cannot be judged against anything the base "
-                "knows, so its gate comes from the new photos alone and it may take photos of other kinds. "
-                "Give photos of everyday things that are none of the new classes with --negatives DIR")
-        else:
-            err(f"background: {world.source} ({len(world)} photos)")
+    neg, world = _negatives_and_world(a, base, fx)
     settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                              holdout=a.holdout,
                              augment=not a.no_augment, gate=a.gate, gate_quantile=a.gate_quantile,
@@ -101,19 +123,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
                           "base_model": base.describe() | base.identity(),
                           "heldout": report.heldout})
     head.save(out)
-    print(f"classes ({len(ds.classes)}), photos used per class:")
-    for c, n in report.counts.items():
-        print(f"  {n:5d}  {c}")
-    if report.heldout:
-        h = report.heldout
-        print(f"held-out accuracy: {h['accuracy']:.3f} on {h['photos']} photos "
-              f"(top-1 among all {len(base.labels) + len(ds.classes)} classes; seed {a.seed})")
-        if "background_taken" in h:
-            print(f"background taken: {h['background_taken']:.1%} of {h['background_photos']} held-out background "
-                  "photos named as a new class (the head of this check was fitted on the other half)")
-    else:
-        print("held-out accuracy: not measured (needs at least 5 photos in every class)")
-    warn_if_takes_world(report.heldout.get("background_taken") if report.heldout else None, "held-out")
+    _print_report(report, len(base.labels) + len(ds.classes), a.seed)
     print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
     print(f"wrote {out} (head {head.name!r}, method {head.method}, base {head.backbone})")
     return 0
@@ -421,18 +431,9 @@ def store_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-store", action="store_true", help="write the -o folder only")
 
 
-def parser() -> argparse.ArgumentParser:
-    from . import __version__
+def _train_head_options(t: argparse.ArgumentParser) -> None:
     from .config import BACKBONES, DEFAULT_BACKBONE, GATES
 
-    style = {"allow_abbrev": False, "formatter_class": Formatter}  # --epoch is not taken for --epochs
-    p = argparse.ArgumentParser(prog="extendserve", description=__doc__, **style)  # type: ignore[arg-type]
-    p.add_argument("--version", action="version", version=f"extendserve {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
-    sub.add_parser = lambda *args, **kw: _add(*args, **(style | kw))  # type: ignore[method-assign]
-
-    t = sub.add_parser("train-head", help="train a head for new classes from a class-per-folder tree")
     t.add_argument("data", help="folder with one sub-folder of photos per class")
     t.add_argument("-o", "--output", required=True, help="head file to write (.pt)")
     t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES)
@@ -469,6 +470,20 @@ def parser() -> argparse.ArgumentParser:
                         "pretrained values (repeatable), e.g. '*_bn*' or '_blocks.15._depthwise_conv.*'")
     weight_options(t)
     t.set_defaults(func=cmd_train_head)
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .config import BACKBONES, DEFAULT_BACKBONE
+
+    style = {"allow_abbrev": False, "formatter_class": Formatter}  # --epoch is not taken for --epochs
+    p = argparse.ArgumentParser(prog="extendserve", description=__doc__, **style)  # type: ignore[arg-type]
+    p.add_argument("--version", action="version", version=f"extendserve {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *args, **kw: _add(*args, **(style | kw))  # type: ignore[method-assign]
+
+    _train_head_options(sub.add_parser("train-head", help="train a head for new classes from a class-per-folder tree"))
 
     b = sub.add_parser("build", help="merge heads with the backbone, export ONNX and verify it")
     b.add_argument("--new-head", action="append", help="head file (repeatable, in output order)")

@@ -121,6 +121,24 @@ def verify(onnx_bytes: bytes, base: Base, heads: Sequence[Head], inputs: np.ndar
     return check
 
 
+def heads_entries(base: Base, heads: Sequence[Head]) -> list[dict[str, Any]]:
+    """The manifest's ``heads``: the base's own first, then each head with its columns, where it
+    came from, and what it does to the base's world (the share of its background it takes)."""
+    base_head = "imagenet" if base.backbone is not None else "base"  # the built-ins are ImageNet classifiers
+    entries = [{"name": base_head, "offset": 0, "count": len(base.labels), "source": base.source,
+                "digest": base.digest, "method": "original"}]
+    offset, world = len(base.labels), background_for(base)
+    for h in heads:
+        entries.append({"name": h.name, "offset": offset, "count": len(h.classes), "source": h.source,
+                        "digest": h.digest(), "method": h.method, "classes": h.classes, "settings": h.settings,
+                        "background": world.source if world is not None else None,
+                        "background_taken": (None if world is None or unfrozen(h)
+                                             else taken_share(base, h, world.features)),
+                        "heldout": h.settings.get("heldout")})
+        offset += len(h.classes)
+    return entries
+
+
 def build_model(
     base: Base,
     heads: Sequence[Head],
@@ -143,21 +161,7 @@ def build_model(
     if len(set(head_names)) != len(head_names) or "imagenet" in head_names or "base" in head_names:
         raise BuildError(f"head names must be unique and not 'imagenet' or 'base' (got {head_names}); rename a head file")
     labels = list(base.labels) + names
-    base_head = "imagenet" if base.backbone is not None else "base"  # the built-ins are ImageNet classifiers
-    heads_meta = [{"name": base_head, "offset": 0, "count": len(base.labels), "source": base.source,
-                   "digest": base.digest, "method": "original"}]
-    offset = len(base.labels)
-    for h in heads:
-        heads_meta.append({"name": h.name, "offset": offset, "count": len(h.classes), "source": h.source,
-                           "digest": h.digest(), "method": h.method, "classes": h.classes,
-                           "settings": h.settings})
-        offset += len(h.classes)
-    world = background_for(base)
-    for meta, h in zip(heads_meta[1:], heads):
-        meta["background"] = world.source if world is not None else None
-        meta["background_taken"] = (None if world is None or unfrozen(h)
-                                    else taken_share(base, h, world.features))
-        meta["heldout"] = h.settings.get("heldout")
+    heads_meta = heads_entries(base, heads)
     pre = base.preprocess.to_dict()
     model = merged_model(base, heads, metadata(labels, pre, heads_meta, base, f"extendserve {__version__}"))
     onnx_bytes = model.SerializeToString()
