@@ -1,9 +1,10 @@
 """A worker's memory after several big batches at once: is it given back?
 
-One worker serves a model folder; one 64-photo batch warms it up, then six 64-photo batches of
-2000x1500 PNGs (9 MB each once decoded, compressed to a few KB) are sent at once. Prints the
-worker's resident memory before and two seconds after. Usage:
-python bench/batch_memory.py MODEL_DIR [--runs 2]
+One worker serves a model folder; one batch warms it up, then six batches are sent at once:
+64 2000x1500 PNGs each (9 MB each once decoded, a few KB as files), or with --imagenet 256 photos
+of ../shared/data/imagenet-sample each (the issue's case). Prints the worker's resident memory
+before and two seconds after. Usage:
+python bench/batch_memory.py MODEL_DIR [--runs 2] [--imagenet]
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model_dir")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--imagenet", action="store_true")
     a = ap.parse_args()
-    batch = [("images", p, f"{i}.png") for i, p in enumerate(photos())]
+    if a.imagenet:
+        sample = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample").glob("*.JPEG"))
+        batch = [("images", sample[i % len(sample)].read_bytes(), f"{i}.jpg") for i in range(256)]
+    else:
+        batch = [("images", p, f"{i}.png") for i, p in enumerate(photos())]
     for run in range(a.runs):
         s = Server(Path(a.model_dir), Path(tempfile.mkdtemp()), EXTENDSERVE_WORKERS="1",
                    EXTENDSERVE_MAX_BATCH_PHOTOS="300")
