@@ -5,7 +5,7 @@ Content-Length over it is answered 413 before a byte is read, a chunked body is 
 passes it) and at a minimum rate (a body that trickles in is answered 408 and counts for nothing).
 Only then is the request admitted, up to a number of requests in progress per worker (429 past
 it). BentoML's own concurrency limit sits outside user middleware and so counted connections that
-were still uploading: 260 clients sending one byte a second locked everyone else out with 429.
+were still uploading: with 300 connections sending a byte now and then, every other client got 429.
 A raw image body to /classify is answered here, and a malformed multipart form gets a 400 that
 names the field expected. No torch here.
 """

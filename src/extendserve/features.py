@@ -182,7 +182,7 @@ class FeatureExtractor:
     def __init__(self, base: Base, cache: Path | None = None):
         self.base = base
         # The preprocessing is part of the key: features made with other preprocessing are others.
-        pre = hashlib.sha256(json.dumps(base.preprocess.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        pre = hashlib.sha256(json.dumps(base.identity()["preprocess"], sort_keys=True).encode()).hexdigest()[:16]
         key = f"{base.name}-{base.digest[:16]}"
         self.cache = FeatureCache((cache or cache_root()) / "features" / key / f"views-v{VIEWS_VERSION}-{pre}",
                                   f"{key}/{base.digest}/{VIEWS_VERSION}/{pre}", (len(VIEWS), base.feature_dim))
