@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from extendserve.backbone import load_backbone
 from extendserve.base import builtin_base
 from extendserve.features import FeatureExtractor, scan_folder
+from extendserve.pretrained import load_backbone
 from extendserve.train import TrainSettings, fit, score_features
 
 from common import machine

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extendserve.backbone import load_backbone  # noqa: E402
 from extendserve.base import builtin_base  # noqa: E402
 from extendserve.head import Head  # noqa: E402
 from extendserve.merge import merged_model  # noqa: E402
 from extendserve.onnx_export import export_module  # noqa: E402
+from extendserve.pretrained import load_backbone  # noqa: E402
 from extendserve.runtime import make_session  # noqa: E402
 
 from common import best_rate, torch_merged, write_section  # noqa: E402

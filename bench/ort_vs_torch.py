@@ -11,9 +11,10 @@ import time
 import numpy as np
 import torch
 
-from extendserve.backbone import InputAdapter, load_backbone
+from extendserve.backbone import InputAdapter
 from extendserve.base import builtin_base
 from extendserve.features import FeatureExtractor
+from extendserve.pretrained import load_backbone
 
 
 def rate(fn, x, repeats: int) -> float:

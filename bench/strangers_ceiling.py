@@ -16,9 +16,9 @@ import argparse
 import numpy as np
 import torch
 
-from extendserve.backbone import load_backbone
 from extendserve.base import builtin_base
 from extendserve.calibrated import fit_ranker, power
+from extendserve.pretrained import load_backbone
 
 from world_splits import Bench
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extendserve.backbone import load_backbone
 from extendserve.base import builtin_base
 from extendserve.calibrated import fit_ranker
 from extendserve.features import FeatureExtractor, scan_folder
 from extendserve.imagenet import synset_index
+from extendserve.pretrained import load_backbone
 from extendserve.train import TrainSettings, fit, score_features
 from extendserve.world import Background
 

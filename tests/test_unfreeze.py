@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from extendserve.backbone import load_backbone
 from extendserve.head import load_head
+from extendserve.pretrained import load_backbone
 from extendserve.runtime import Model
 
 from conftest import run_cli

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from extendserve.backbone import get_spec
+from extendserve.backbone import build
+from extendserve.registry import get_spec
 from extendserve.runtime import Model
 
 from conftest import run_cli
@@ -53,7 +54,7 @@ def test_restore_all_reports_and_is_recorded(checkpoint, plain, tmp_path):
     # The ImageNet outputs are exactly those of the registry model with the two restored changes
     # made by hand (the dropped and the mis-shaped tensors stay the registry's).
     spec = get_spec("efficientnet_lite0")
-    ref = spec.build()
+    ref = build(spec)
     ref.load_state_dict(torch.load(spec.weights_path(), weights_only=True))
     with torch.no_grad():
         ref._fc.bias += 1.0

@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from extendserve.backbone import load_backbone
 from extendserve.base import PIXELS, builtin_base
 from extendserve.export import verification_inputs, verify
 from extendserve.features import FeatureExtractor
 from extendserve.merge import merged_model
 from extendserve.preprocess import prepare_file
+from extendserve.pretrained import load_backbone
 from extendserve.runtime import Model, make_session, softmax
 from extendserve.scoring import FLOOR
 from extendserve.train import TrainSettings, score_features, train_head
@@ -42,9 +42,9 @@ def sample_by_kind():
 
 
 def test_every_builtin_backbone_ships_its_background():
-    from extendserve.config import BACKBONES
+    from extendserve.registry import names
 
-    for name in BACKBONES:
+    for name in names():
         b = builtin_base(load_backbone(name))
         bg = shipped_background(b)
         assert bg is not None and len(bg) == 200 and bg.features.shape[1] == b.feature_dim

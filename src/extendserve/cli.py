@@ -91,13 +91,13 @@ def cmd_train_head(a: argparse.Namespace) -> int:
 
     where = f"{a.data} (class folder names)"
     if not a.base:  # the built-in labels are known before any weights load
-        from .backbone import get_spec
+        from .registry import get_spec
 
         check_class_names(ds.classes, where, taken=get_spec(a.backbone).labels, taken_by=f"backbone {a.backbone}")
     base = base_from_args(a)
     if a.base:  # a foreign base's labels are known once its file is read
         check_class_names(ds.classes, where, taken=base.labels, taken_by=f"base {base.name}")
-    check_unfreeze_options(a, len(base.backbone._blocks) if base.backbone is not None else 0)
+    check_unfreeze_options(a, base.backbone.num_blocks if base.backbone is not None else 0)
     skipped = list(ds.skipped)
     fx = FeatureExtractor(base)
     feats, ok, hits = fx.extract(ds.files, on_skip=lambda p, why: skipped.append((p, why)))
@@ -167,8 +167,8 @@ def check_unfreeze_options(a: argparse.Namespace, blocks: int) -> None:
 def base_from_args(a: argparse.Namespace) -> Any:
     """The base the options name: ``--base FILE.onnx``, or ``--backbone`` with ``--weights``
     restored over the registry's when given (report printed)."""
-    from .backbone import restore_summary
     from .base import resolve_base
+    from .pretrained import restore_summary
 
     if not a.weights and (a.exclude or a.restore != "all"):
         raise ExtendserveError("--restore and --exclude apply to --weights CKPT; give the checkpoint too")
@@ -370,7 +370,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def cmd_backbones(a: argparse.Namespace) -> int:
     """The registry, with each entry's top-1 on an ImageNet sample folder when there is one."""
-    from .backbone import REGISTRY, imagenet_top1, load_backbone
+    from .pretrained import imagenet_top1, load_backbone
+    from .registry import REGISTRY
 
     sample = Path(a.imagenet) if a.imagenet else None
     if sample is not None and not sample.is_dir():
@@ -432,11 +433,12 @@ def store_options(p: argparse.ArgumentParser) -> None:
 
 
 def _train_head_options(t: argparse.ArgumentParser) -> None:
-    from .config import BACKBONES, DEFAULT_BACKBONE, GATES
+    from .config import GATES
+    from .registry import DEFAULT_BACKBONE, names
 
     t.add_argument("data", help="folder with one sub-folder of photos per class")
     t.add_argument("-o", "--output", required=True, help="head file to write (.pt)")
-    t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES)
+    t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names())
     t.add_argument("--name", help="head name shown with predictions (default: the file's stem)")
     t.add_argument("--method", default=None, choices=["calibrated", "gated", "joint", "naive"],
                    help="calibrated: one probability model with the base's classes, judged against the base's "
@@ -474,7 +476,7 @@ def _train_head_options(t: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import BACKBONES, DEFAULT_BACKBONE
+    from .registry import DEFAULT_BACKBONE, names
 
     style = {"allow_abbrev": False, "formatter_class": Formatter}  # --epoch is not taken for --epochs
     p = argparse.ArgumentParser(prog="extendserve", description=__doc__, **style)  # type: ignore[arg-type]
@@ -490,7 +492,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--classes", action="append", help="class list for a head trained elsewhere, one per --new-head")
     b.add_argument("-o", "--output", help="model folder to write (required; with --from, default the manifest's "
                                            "own folder). Rebuilding into a model folder replaces it, saying what it replaced")
-    b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=BACKBONES)
+    b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names())
     b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
     store_options(b)
     b.add_argument("--from", dest="from_manifest", metavar="MANIFEST",

@@ -7,10 +7,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
-# The registry's names, for the command line's choices without importing torch (a test keeps the
-# two the same; backbone.REGISTRY is where each entry is defined).
-BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 GATES = ("mahalanobis", "cosine")  # the gated head's gates, default first (see calibrate)
 
 

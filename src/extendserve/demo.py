@@ -40,11 +40,11 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
     """Train the demo head (one photo a class, augmented) and build ImageNet + demo into ``out_dir``."""
     import numpy as np
 
-    from .backbone import load_backbone
     from .base import builtin_base
     from .export import build_model
     from .features import FeatureExtractor
     from .preprocess import prepare_file
+    from .pretrained import load_backbone
     from .train import TrainSettings, train_head
     from .world import background_for
 

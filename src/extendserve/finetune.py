@@ -29,7 +29,7 @@ from .head import Head
 from .preprocess import read_regular_file
 from .progress import progress
 from .runtime import make_session
-from .scoring import PREFIX, TopCopy, scorer, top_from_head
+from .scoring import PREFIX, scorer, top_from_head
 from .train import TrainReport, classifier, heldout_accuracy, split
 
 
@@ -53,7 +53,7 @@ def fit_unfrozen(base: Base, maps: torch.Tensor, labels: np.ndarray, classes: li
     """Fine-tune a top-K copy with an N-way classifier on ``maps`` [n, V, C, H, W], then fit the
     gated head of :mod:`calibrate` on the copy's features. BatchNorm statistics stay frozen."""
     torch.manual_seed(s.seed)
-    top = TopCopy(base.backbone, k)
+    top = base.backbone.top_copy(k)
     top.eval().requires_grad_(True)  # eval: BN keeps the pretrained statistics (a few dozen photos
     frozen = []  # cannot re-estimate them); the copied weights start trainable, then --freeze
     for name, p in top.named_parameters():
@@ -102,7 +102,7 @@ def train_unfrozen(base: Base, files: Sequence[Path], feats: np.ndarray, labels:
     """Like :func:`train.train_head`: a held-out check on a seeded split, then the final head."""
     t0 = time.time()
     report = TrainReport(counts={c: int((labels == i).sum()) for i, c in enumerate(classes)})
-    maps = trunk_maps(base, files, len(base.backbone._blocks) - k)
+    maps = trunk_maps(base, files, base.backbone.num_blocks - k)
     parts = split(labels, s.holdout, s.seed)
     if parts is not None:
         tr, ho = parts

@@ -188,7 +188,7 @@ def load_head(
                 f"{path}: a head trained elsewhere carries no class names; pass --classes FILE "
                 "with one name per line, in the order of the weight's rows"
             )
-        from .config import DEFAULT_BACKBONE
+        from .registry import DEFAULT_BACKBONE
 
         head = Head(
             classes=read_classes_file(classes_file),

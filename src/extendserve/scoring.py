@@ -12,14 +12,13 @@ small ONNX graph, which :mod:`merge` wires beside the untouched base graph.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import onnx
 import torch
 from torch import nn
 
-from .backbone import EfficientNetLite
+from .backbone import EfficientNetLite, TopCopy
 from .errors import ExtendserveError, HeadFileError
 from .head import Head
 from .onnx_export import export_module
@@ -150,26 +149,6 @@ def scorer(head: Head) -> nn.Module:
     raise HeadFileError(f"{head.source or head.name}: unknown head method {head.method!r}")
 
 
-class TopCopy(nn.Module):
-    """Blocks ``start..`` plus head conv and pooling; parameter names as in the backbone."""
-
-    def __init__(self, model: EfficientNetLite, k: int):
-        super().__init__()
-        n = len(model._blocks)
-        if not 1 <= k <= n:
-            raise ExtendserveError(f"--unfreeze-top must be between 1 and {n} for this backbone, not {k}")
-        self.start = n - k
-        self._blocks = nn.ModuleDict({str(i): copy.deepcopy(model._blocks[i]) for i in range(self.start, n)})
-        self._conv_head = copy.deepcopy(model._conv_head)
-        self._bn1 = copy.deepcopy(model._bn1)
-        self.act = nn.ReLU6()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self._blocks.values():
-            x = block(x)
-        return self.act(self._bn1(self._conv_head(x))).mean(dim=(2, 3))
-
-
 def unfrozen(head: Head) -> int:
     return int(head.settings.get("unfreeze_top", 0) or 0)
 
@@ -179,7 +158,7 @@ def top_from_head(backbone: EfficientNetLite, head: Head) -> TopCopy | None:
     k = unfrozen(head)
     if not k:
         return None
-    top = TopCopy(backbone, k)
+    top = backbone.top_copy(k)
     state = top.state_dict()
     given = {name[len(PREFIX):]: t for name, t in head.extras.items() if name.startswith(PREFIX)}
     missing = sorted(set(state) - set(given) - {n for n in state if n.endswith("num_batches_tracked")})
