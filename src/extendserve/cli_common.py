@@ -1,0 +1,76 @@
+"""What every command shares: how it speaks (one line on stderr), the base its options name,
+the settings it records, the store it saves to. Heavy imports stay inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import ExtendserveError
+
+DEFAULT_MODEL_DIR = os.environ.get("EXTENDSERVE_MODEL_DIR", "models/default")
+
+
+def err(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+TAKEN_LIMIT = 0.01  # above this share of background photos taken, a head is reported as taking the world
+
+
+def warn_if_takes_world(taken: float | None, what: str) -> None:
+    if taken is not None and taken > TAKEN_LIMIT:
+        err(f"WARNING: this head names {taken:.1%} of {what} background photos (none of its classes) as one of "
+            f"its classes, over the {TAKEN_LIMIT:.0%} it should; narrow the classes (one kind of thing each), add "
+            "more photos per class, or give photos it must not take with --negatives DIR")
+
+
+def base_from_args(a: argparse.Namespace) -> Any:
+    """The base the options name: ``--base FILE.onnx``, or ``--backbone`` with ``--weights``
+    restored over the registry's when given (report printed)."""
+    from .base import resolve_base
+    from .pretrained import restore_summary
+
+    if not a.weights and (a.exclude or a.restore != "all"):
+        raise ExtendserveError("--restore and --exclude apply to --weights CKPT; give the checkpoint too")
+    base = resolve_base(a.backbone, a.weights, a.restore, a.exclude or (), a.base, a.preprocess, a.labels)
+    if base.restore_report:
+        err(restore_summary(base.restore_report))
+    return base
+
+
+def weights_settings(a: argparse.Namespace) -> dict[str, Any]:
+    return {"weights": absolute(a.weights) if a.weights else None, "restore": a.restore, "exclude": a.exclude or [],
+            "base": absolute(a.base) if a.base else None, "preprocess": absolute(a.preprocess) if a.preprocess else None,
+            "labels": absolute(a.labels) if a.labels else None}
+
+
+def absolute(path: str) -> str:
+    """Recorded paths are absolute, so ``build --from`` works from any directory."""
+    return str(Path(path).absolute())
+
+
+def store_name_for(a: argparse.Namespace) -> str | None:
+    """The store name ``--name`` gives (default: the output folder's name), checked before any work."""
+    if a.no_store:
+        return None
+    from .store import store_name
+
+    name = a.name or Path(a.output).absolute().name.lower()
+    store_name(name)
+    return name
+
+
+def save_and_say(a: argparse.Namespace, name: str | None) -> None:
+    if name is None:
+        return
+    from .store import save_to_store
+
+    tag = save_to_store(a.output, name)
+    print(f"saved to the BentoML model store as {tag} (bentoml models list; serve it with "
+          f"EXTENDSERVE_MODEL={tag} bentoml serve)")
