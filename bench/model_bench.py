@@ -26,7 +26,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from extendserve.base import builtin_base  # noqa: E402
 from extendserve.head import Head  # noqa: E402
-from extendserve.merge import merged_model  # noqa: E402
+from extendserve.merge import merged_model, wire  # noqa: E402
 from extendserve.onnx_export import export_module  # noqa: E402
 from extendserve.pretrained import load_backbone  # noqa: E402
 from extendserve.runtime import make_session  # noqa: E402
@@ -46,7 +46,8 @@ class NewOnly(nn.Module):
 
 
 def merged_graph(bb, head: Head) -> bytes:  # type: ignore[no-untyped-def]
-    return merged_model(builtin_base(bb), [head]).SerializeToString()
+    base = builtin_base(bb)
+    return merged_model(base, [head], wire(base, [head])).SerializeToString()
 
 
 def random_head(dim: int, n: int = 5, rank: int = 256) -> Head:

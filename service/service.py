@@ -106,14 +106,14 @@ class Classifier:
     def info_payload(self) -> dict[str, Any]:
         import onnxruntime
 
-        m = self.model.manifest
+        m = self.model.manifest.to_dict()
         payload = {
             "labels": m["labels"],
             "heads": m["heads"],
             "backbone": m["backbone"],
             "preprocess": m["preprocess"],
             "verification": m["verification"],
-            "opset": m.get("opset"),
+            "opset": m["opset"],
             "model_sha256": m["model_sha256"],
             "model_tag": MODEL_TAG,
             "model_version": MODEL_TAG.split(":")[1] if MODEL_TAG else None,

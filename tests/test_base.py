@@ -88,7 +88,7 @@ def test_tiny_bases_extend_and_keep_their_outputs(synthetic_data, tmp_path, kind
     assert "not measured (no background for this base)" in r.stdout
     manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
     v = manifest["verification"]
-    assert v["passed"] and v["base_identical"] and "identical" in r.stdout
+    assert v["base_identical"] and "identical" in r.stdout
     assert manifest["labels"][:K] == [f"thing {i}" for i in range(K)] and len(manifest["labels"]) == K + 2
     assert manifest["backbone"]["layout"] == base.layout
 

@@ -50,7 +50,7 @@ def test_restore_all_reports_and_is_recorded(checkpoint, plain, tmp_path):
     m = json.loads((tmp_path / "m" / "manifest.json").read_text())
     rep = m["backbone"]["restored_weights"]
     assert "_fc.bias" in rep["restored"] and rep["missing"] == ["_bn1.weight"] and rep["mode"] == "all"
-    assert m["settings"]["weights"] == str(checkpoint) and m["verification"]["passed"]
+    assert m["settings"]["weights"] == str(checkpoint)
     # The ImageNet outputs are exactly those of the registry model with the two restored changes
     # made by hand (the dropped and the mis-shaped tensors stay the registry's).
     spec = get_spec("efficientnet_lite0")

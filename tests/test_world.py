@@ -7,14 +7,14 @@ import onnx
 import pytest
 
 from extendserve.base import PIXELS, builtin_base
-from extendserve.export import verification_inputs, verify
 from extendserve.features import FeatureExtractor
-from extendserve.merge import merged_model
+from extendserve.merge import merged_model, wire
 from extendserve.preprocess import prepare_file
 from extendserve.pretrained import load_backbone
 from extendserve.runtime import Model, make_session, softmax
 from extendserve.scoring import FLOOR
 from extendserve.train import TrainSettings, score_features, train_head
+from extendserve.verify import verification_inputs, verify
 from extendserve.world import background_for, shipped_background
 
 from conftest import IMAGENET_SAMPLE, SHARED, needs_shared, run_cli
@@ -103,15 +103,16 @@ def test_verification_covers_the_scores_output(base, built_model, synthetic_head
     from extendserve.head import load_head
 
     heads = [load_head(synthetic_head)]
-    model = merged_model(base, heads)
+    wiring = wire(base, heads)
+    model = merged_model(base, heads, wiring)
     inputs = verification_inputs(base.input_size)
-    assert verify(model.SerializeToString(), base, heads, inputs)["passed"]
+    assert verify(model.SerializeToString(), base, heads, wiring, inputs)["passed"]
     for n in model.graph.node:
         if n.output[0] == "scores":
             n.op_type = "Identity"  # scores = logits: not probabilities
             del n.attribute[:]
     onnx.checker.check_model(model)
-    check = verify(model.SerializeToString(), base, heads, inputs)
+    check = verify(model.SerializeToString(), base, heads, wiring, inputs)
     assert not check["passed"] and check["scores_vs_softmax_of_logits"] > 1e-3
 
 

@@ -24,9 +24,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .config import PreprocessConfig, cache_root
-from .errors import BadImageError, ExtendserveError
+from .errors import ExtendserveError
+from .files import FileReadError, read_regular_file, write_atomic
 from .onnx_file import find_classifier, input_of, labels_of, preprocess_of, self_contained
-from .preprocess import read_regular_file
 
 PIXELS = "pixels"
 
@@ -178,7 +178,7 @@ def load_base(path: str | os.PathLike[str], preprocess: str | os.PathLike[str] |
     try:
         data = read_regular_file(path, 4 * 1024**3, "ONNX model")
         model = onnx.load_from_string(data)
-    except BadImageError as e:
+    except FileReadError as e:
         raise ExtendserveError(str(e)) from None
     except Exception as e:  # protobuf's DecodeError and friends
         raise ExtendserveError(f"{where}: not an ONNX model ({str(e)[:120]}); give a .onnx file") from None
@@ -227,9 +227,7 @@ def builtin_base(loaded: Any) -> Base:
         model = onnx.load_from_string(data)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
         except OSError:
             pass  # a read-only cache: exported again next time
     base = _base_from_model(model, loaded.digest, spec.name, spec.weights_package, spec.preprocess,

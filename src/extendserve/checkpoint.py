@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .errors import BadImageError, HeadFileError
-from .preprocess import read_regular_file
+from .errors import HeadFileError
+from .files import FileReadError, read_regular_file
 
 MAX_HEAD_BYTES = 2 * 1024**3
 # What a file's tensors may unpack to: a zip entry's size is read from the zip directory before
@@ -49,7 +49,7 @@ def safe_load(path: Path, what: str = "head file") -> Any:
                             f"{what} written by torch.save (extendserve train-head writes one)")
     try:
         data = read_regular_file(path, MAX_HEAD_BYTES, what)
-    except BadImageError as e:
+    except FileReadError as e:
         raise HeadFileError(str(e)) from None
     if magic == b"PK\x03\x04":
         _check_unpacked_size(data, path, what)

@@ -66,11 +66,7 @@ def store_name_for(a: argparse.Namespace) -> str | None:
     return name
 
 
-def save_and_say(a: argparse.Namespace, name: str | None) -> None:
-    if name is None:
-        return
-    from .store import save_to_store
-
-    tag = save_to_store(a.output, name)
-    print(f"saved to the BentoML model store as {tag} (bentoml models list; serve it with "
-          f"EXTENDSERVE_MODEL={tag} bentoml serve)")
+def say_saved(tag: str | None) -> None:
+    if tag is not None:
+        print(f"saved to the BentoML model store as {tag} (bentoml models list; serve it with "
+              f"EXTENDSERVE_MODEL={tag} bentoml serve)")

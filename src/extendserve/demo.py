@@ -5,10 +5,10 @@ so ``make serve`` shows the product with no user data and no download."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import ExtendserveError
 
@@ -36,12 +36,13 @@ def demo_photos() -> dict[str, Path]:
     return found
 
 
-def build_demo(out_dir: str | os.PathLike[str]) -> None:
-    """Train the demo head (one photo a class, augmented) and build ImageNet + demo into ``out_dir``."""
+def build_demo() -> Any:
+    """Train the demo head (one photo a class, augmented) and build ImageNet + demo (a
+    ``build.BuiltModel``, to publish)."""
     import numpy as np
 
     from .base import builtin_base
-    from .export import build_model
+    from .build import build_model
     from .features import FeatureExtractor
     from .preprocess import prepare_file
     from .pretrained import load_backbone
@@ -69,4 +70,4 @@ def build_demo(out_dir: str | os.PathLike[str]) -> None:
     head.name = "demo"
     head.source = "demo photos from matplotlib and scikit-image"
     real = [prepare_file(p, base.preprocess) for p in photos.values()]
-    build_model(base, [head], out_dir, real_inputs=real, settings={"demo": True})
+    return build_model(base, [head], real_inputs=real, settings={"demo": True})

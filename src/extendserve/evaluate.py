@@ -30,7 +30,7 @@ def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None
                                "a class) and/or --imagenet DIR (photos named <synset>_<name>.JPEG)")
     model = Model(model_dir)
     labels = model.labels
-    k = int(model.manifest["heads"][0]["count"])  # the base's own classes come first
+    k = model.manifest.base_count  # the base's own classes come first
     out: dict[str, Any] = {"model": model_dir, "classes": len(labels)}
     if new:
         root = Path(new)

@@ -21,7 +21,8 @@ from PIL import Image
 from .base import PIXELS, Base
 from .config import PreprocessConfig, cache_root
 from .errors import BadImageError, ExtendserveError
-from .preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_regular_file, resize_shorter
+from .files import write_atomic
+from .preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_photo, resize_shorter
 from .progress import progress
 
 # View 0 is exactly what the served model sees; the rest are the training augmentation.
@@ -153,21 +154,12 @@ class FeatureCache:
     def put(self, key: str, feats: np.ndarray) -> None:
         if not self.writable:
             return
-        path = self.dir / f"{key}.npz"
-        tmp = self.dir / f".{key}.tmp-{os.getpid()}.npz"
+        digest = hashlib.sha256(feats.tobytes()).hexdigest()
         try:
-            np.savez(tmp, features=feats, key=np.array(key), digest=np.array(hashlib.sha256(feats.tobytes()).hexdigest()))
-            os.replace(tmp, path)
+            write_atomic(self.dir / f"{key}.npz",
+                         lambda f: np.savez(f, features=feats, key=np.array(key), digest=np.array(digest)))
         except OSError as e:
-            _discard(tmp)
             self._read_only(e)
-
-
-def _discard(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:
-        pass
 
 
 def warn(msg: str) -> None:
@@ -226,7 +218,7 @@ class FeatureExtractor:
         cfg = self.base.preprocess
         for i, path in enumerate(files):
             try:
-                data = read_regular_file(path)
+                data = read_photo(path)
             except BadImageError as e:
                 if on_skip:
                     on_skip(str(path), str(e).split(": ", 1)[-1])

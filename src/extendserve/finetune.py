@@ -26,7 +26,7 @@ from .errors import ExtendserveError
 from .features import photo_views
 from .fit import fit_softmax
 from .head import Head
-from .preprocess import read_regular_file
+from .preprocess import read_photo
 from .progress import progress
 from .runtime import make_session
 from .scoring import PREFIX, scorer, top_from_head
@@ -42,7 +42,7 @@ def trunk_maps(base: Base, files: Sequence[Path], start: int) -> torch.Tensor:
     sess = make_session(base.adapted([base.taps[start]]).SerializeToString(), "cpu")
     out = []
     for i, f in enumerate(files):
-        v = photo_views(read_regular_file(f), str(f), base.preprocess)
+        v = photo_views(read_photo(f), str(f), base.preprocess)
         out.append(sess.run(None, {PIXELS: v})[0])
         progress("trunk activations", i + 1, len(files))
     return torch.from_numpy(np.stack(out))

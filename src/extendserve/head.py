@@ -16,6 +16,7 @@ import torch
 
 from .checkpoint import safe_load
 from .errors import ExtendserveError, HeadFileError
+from .files import write_atomic
 from .names import check_class_names, read_names
 
 FORMAT = "extendserve-head"
@@ -74,12 +75,8 @@ class Head:
         """Write atomically: a crash never leaves a half-written head file behind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(self.to_payload(), tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        payload = self.to_payload()
+        write_atomic(path, lambda f: torch.save(payload, f), sync=True)
 
     def check_fits(self, base: str, feature_dim: int, digest: str, force: bool = False) -> None:
         """Refuse a head that was trained on other features than the ones it would receive: the

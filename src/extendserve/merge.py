@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import onnx
 from onnx import TensorProto, helper
@@ -26,35 +27,56 @@ OUTPUT = "logits"
 SCORES = "scores"  # softmax over all K + N outputs: what the service serves (see calibrated)
 
 
-def _tap_shape(base: Base, tensor: str) -> tuple[int, ...]:
-    """One photo's shape of a tensor inside the base, measured (shape inference loses it at Pads)."""
+@dataclass
+class Wiring:
+    """Where each head reads from, worked out once per build and handed to the merge and to the
+    verification: the base adapted to give its logits, features and every tap, and each tap's shape."""
+
+    sources: list[str]  # per head: the tensor it reads
+    taps: list[str]  # the tensors other than the features that some head reads
+    adapted: onnx.ModelProto  # uint8 pixels -> base, outputs: logits, features, *taps
+    shapes: dict[str, tuple[int, ...]]  # one photo's shape of each tensor a head reads
+
+    @property
+    def reference_outputs(self) -> list[str]:
+        return [FEATURES, *self.taps]
+
+
+def wire(base: Base, heads: Sequence[Head]) -> Wiring:
+    """Tap shapes are measured in one run of the adapted base (shape inference loses them at Pads)."""
     import numpy as np
 
     from .runtime import make_session
 
-    sess = make_session(base.adapted([tensor]).SerializeToString(), "cpu")
-    zeros = np.zeros((1, base.input_size, base.input_size, 3), np.uint8)
-    return tuple(sess.run(None, {PIXELS: zeros})[0].shape[1:])
-
-
-def merged_model(base: Base, heads: Sequence[Head], metadata: dict[str, str] | None = None) -> onnx.ModelProto:
-    """One ONNX model: the adapted base and every head wired to it, outputs concatenated."""
     sources = [base.head_input(unfrozen(h)) for h in heads]
-    model = base.adapted(["logits", "features", *sorted(set(sources) - {FEATURES})])
+    taps = sorted(set(sources) - {FEATURES})
+    adapted = base.adapted(["logits", "features", *taps])
+    shapes: dict[str, tuple[int, ...]] = {FEATURES: (base.feature_dim,)}
+    if taps:
+        zeros = np.zeros((1, base.input_size, base.input_size, 3), np.uint8)
+        got = make_session(adapted.SerializeToString(), "cpu").run(taps, {PIXELS: zeros})
+        shapes |= {t: tuple(x.shape[1:]) for t, x in zip(taps, got)}
+    return Wiring(sources, taps, adapted, shapes)
+
+
+def merged_model(base: Base, heads: Sequence[Head], wiring: Wiring, metadata: dict[str, str] | None = None
+                 ) -> onnx.ModelProto:
+    """One ONNX model: the adapted base and every head wired to it, outputs concatenated."""
+    model = onnx.ModelProto()
+    model.CopyFrom(wiring.adapted)
     g = model.graph
     del g.output[:]
     old = "extendserve/old_logits"
     g.node.append(helper.make_node("Cast", [base.logits], [old], to=TensorProto.FLOAT, name="extendserve/old_logits"))
     outs = [old]
-    for i, (h, source) in enumerate(zip(heads, sources)):
-        shape = _tap_shape(base, source) if source != FEATURES else (base.feature_dim,)
-        sub = head_graph(h, base.backbone, shape, len(base.labels), base.opset).graph
+    for i, (h, source) in enumerate(zip(heads, wiring.sources)):
+        sub = head_graph(h, base.backbone, wiring.shapes[source], len(base.labels), base.opset).graph
         prefix = f"head{i}/"
-        wiring = {"features": source, "old_logits": old}
+        wiring_names = {"features": source, "old_logits": old}
         names = {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
 
         def rename(x: str) -> str:
-            return wiring.get(x, prefix + x if x in names else x)
+            return wiring_names.get(x, prefix + x if x in names else x)
 
         for t in sub.initializer:
             t.name = prefix + t.name

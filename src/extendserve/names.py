@@ -8,8 +8,8 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from .errors import BadImageError, ExtendserveError
-from .preprocess import read_regular_file
+from .errors import ExtendserveError
+from .files import FileReadError, read_regular_file
 
 MAX_NAME_CHARS = 200
 # Cc: control (NUL, newline, ESC), Cf: format (bidi overrides, zero-width), Cs/Co/Cn: surrogates,
@@ -55,6 +55,6 @@ def read_names(path: str | os.PathLike[str], what: str = "class list") -> list[s
     """A file of names, one a line (blank lines skipped, spaces around a name dropped)."""
     try:
         lines = read_regular_file(path, 64 * 1024**2, what).decode("utf-8").splitlines()
-    except (BadImageError, UnicodeDecodeError) as e:
+    except (FileReadError, UnicodeDecodeError) as e:
         raise ExtendserveError(f"{path}: cannot read the {what} ({e})") from None
     return [ln.strip() for ln in lines if ln.strip()]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import stat
 import warnings
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from PIL import Image, ImageOps
 
 from .config import PreprocessConfig
 from .errors import BadImageError
+from .files import FileReadError, read_regular_file
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
 MAX_PIXELS = int(os.environ.get("EXTENDSERVE_MAX_PIXELS", 64_000_000))
@@ -149,31 +149,16 @@ def list_images(folder: str | os.PathLike[str], recursive: bool = True) -> list[
     return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not is_hidden(p, root))
 
 
-def read_regular_file(path: str | os.PathLike[str], limit: int = MAX_FILE_BYTES, what: str = "photo") -> bytes:
-    """A regular file's bytes, its size checked before reading: a device (/dev/zero) or a FIFO is
-    refused rather than read without end or waited on."""
+def read_photo(path: str | os.PathLike[str]) -> bytes:
+    """A photo file's bytes (regular file, size checked first), or BadImageError saying why."""
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise BadImageError(f"{path}: cannot read the {what} ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
-        raise BadImageError(f"{path}: {kind}; give a {what} file")
-    if st.st_size > limit:
-        raise BadImageError(f"{path}: {st.st_size / 2**20:.0f} MB is over the {limit / 2**20:.0f} MB limit "
-                            "(EXTENDSERVE_MAX_FILE_BYTES)")
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise BadImageError(f"{path}: cannot read the {what} ({e.strerror})") from None
-    if len(data) > limit:  # it grew after the check
-        raise BadImageError(f"{path}: over the {limit / 2**20:.0f} MB limit (EXTENDSERVE_MAX_FILE_BYTES)")
-    return data
+        return read_regular_file(path, MAX_FILE_BYTES, "photo")
+    except FileReadError as e:
+        raise BadImageError(f"{e} (EXTENDSERVE_MAX_FILE_BYTES)" if "limit" in str(e) else str(e)) from None
 
 
 def load_image(path: str | os.PathLike[str], min_side: int | None = None) -> Image.Image:
-    return decode(read_regular_file(path), str(path), min_side)
+    return decode(read_photo(path), str(path), min_side)
 
 
 def prepare_file(path: str | os.PathLike[str], cfg: PreprocessConfig) -> np.ndarray:

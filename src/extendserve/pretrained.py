@@ -18,6 +18,7 @@ from torch import nn
 
 from .backbone import EfficientNetLite, InputAdapter, build
 from .errors import ExtendserveError
+from .files import write_atomic
 from .registry import DEFAULT_BACKBONE, BackboneSpec, get_spec
 
 
@@ -159,7 +160,7 @@ def imagenet_top1(backbone: LoadedBackbone, folder: str | os.PathLike[str]) -> t
         right += int(sum(int(p) == synset_index(f.name.split("_")[0]) for p, f in zip(pred, chunk)))
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
-        cached.write_text(json.dumps({"right": right, "photos": len(files)}))
+        write_atomic(cached, json.dumps({"right": right, "photos": len(files)}).encode())
     except OSError:
         pass  # a read-only cache: the figure is recomputed next time
     return right, len(files)

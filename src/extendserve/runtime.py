@@ -7,7 +7,6 @@ runs on the CPU, so the providers a session *really* uses are read back and repo
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -18,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .config import PreprocessConfig
 from .errors import BadImageError, ExtendserveError
+from .manifest import Manifest
 from .preprocess import prepare, prepare_file
 
 log = logging.getLogger("extendserve")
@@ -86,40 +85,25 @@ class Prediction:
         return {"label": self.label, "index": self.index, "score": self.score, "head": self.head}
 
 
-def read_model_dir(directory: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes]:
+def read_model_dir(directory: str | os.PathLike[str]) -> tuple[Manifest, bytes]:
     """A model folder's manifest and ``model.onnx`` bytes, checked against each other: the
-    model's sha256 is the one the manifest records, and the heads tile the labels exactly."""
+    model's sha256 is the one the manifest records (the manifest checks itself as it is read)."""
     d = Path(directory)
     manifest_path, model_path = d / "manifest.json", d / "model.onnx"
     if not manifest_path.is_file() or not model_path.is_file():
         raise ExtendserveError(
             f"{d}: not a built model (expected model.onnx and manifest.json); build one with: extendserve build -o {d}"
         )
-    try:
-        manifest: dict[str, Any] = json.loads(manifest_path.read_text("utf-8"))
-        labels, heads = list(manifest["labels"]), list(manifest["heads"])
-        PreprocessConfig.from_dict(manifest["preprocess"])
-        spans = sorted((int(h["offset"]), int(h["count"]), str(h["name"])) for h in heads)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ExtendserveError(f"{manifest_path}: unreadable manifest ({e}); rebuild the model") from None
+    manifest = Manifest.read(manifest_path)
     data = model_path.read_bytes()
-    want = manifest.get("model_sha256")
-    if want != hashlib.sha256(data).hexdigest():
+    got = hashlib.sha256(data).hexdigest()
+    if manifest.model_sha256 != got:
         raise ExtendserveError(
             f"{d}: model.onnx is not the model this manifest.json was built with (sha256 "
-            f"{hashlib.sha256(data).hexdigest()[:12]}, manifest records {str(want)[:12]}); the two files come from "
+            f"{got[:12]}, manifest records {manifest.model_sha256[:12]}); the two files come from "
             "different builds or one was changed. Rebuild the model (extendserve build --from "
             f"{manifest_path}) or restore the pair"
         )
-    at = 0
-    for offset, count, name in spans:
-        if offset != at or count < 1:
-            raise ExtendserveError(f"{manifest_path}: head {name!r} does not start where the previous one ends "
-                                   f"(offset {offset}, expected {at}); rebuild the model")
-        at += count
-    if at != len(labels):
-        raise ExtendserveError(f"{manifest_path}: the heads cover {at} outputs but there are {len(labels)} labels; "
-                               "rebuild the model")
     return manifest, data
 
 
@@ -130,11 +114,11 @@ class Model:
     def __init__(self, directory: str | os.PathLike[str], device: str = "cpu", threads: int | None = None):
         self.dir = Path(directory)
         self.manifest, data = read_model_dir(self.dir)
-        self.labels: list[str] = list(self.manifest["labels"])
-        self.preprocess = PreprocessConfig.from_dict(self.manifest["preprocess"])
+        self.labels: list[str] = list(self.manifest.labels)
+        self.preprocess = self.manifest.preprocess
         self.head_of = np.empty(len(self.labels), dtype=object)
-        for h in self.manifest["heads"]:
-            self.head_of[h["offset"] : h["offset"] + h["count"]] = h["name"]
+        for h in self.manifest.heads:
+            self.head_of[h.offset : h.offset + h.count] = h.name
         self.session = make_session(data, device, threads)
         self.input_name = self.session.get_inputs()[0].name
         width = self.session.get_outputs()[0].shape[-1]

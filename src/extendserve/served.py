@@ -32,7 +32,7 @@ log = logging.getLogger("extendserve")
 def pin_model(directory: str | os.PathLike[str]) -> Path:
     """Check ``directory`` and return its private, immutable copy (made once per sha256)."""
     manifest, data = read_model_dir(directory)
-    sha = manifest["model_sha256"]
+    sha = manifest.model_sha256
     for root in (cache_root() / "served", Path(tempfile.gettempdir()) / f"extendserve-served-{os.getuid()}"):
         pinned = root / sha
         try:

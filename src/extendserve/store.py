@@ -4,16 +4,15 @@ export`` / ``import``. The files are the same bytes as in the ``-o`` folder. No 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from .errors import ExtendserveError
+from .manifest import Manifest
 
 PREFIX = "extendserve-"
 DEFAULT_TAG = f"{PREFIX}default:latest"
@@ -27,18 +26,6 @@ def store_name(name: str) -> str:
         raise ExtendserveError(f"--name {name!r}: a model name is lowercase letters, digits, '-', '_' and '.', "
                                "starting and ending with a letter or digit (for example --name celebs-v2)")
     return PREFIX + name
-
-
-def summary(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What ``/info`` shows, as store metadata (plain JSON values)."""
-    return {
-        "labels": len(manifest["labels"]),
-        "heads": [{k: h.get(k) for k in ("name", "offset", "count", "method")} for h in manifest["heads"]],
-        "backbone": {k: manifest["backbone"].get(k) for k in ("name", "digest", "source", "layout")},
-        "preprocess": manifest["preprocess"],
-        "verification": {k: v for k, v in manifest["verification"].items() if isinstance(v, (int, float, bool, str))},
-        "model_sha256": manifest["model_sha256"],
-    }
 
 
 def _versions_root(name: str) -> Path:
@@ -87,9 +74,9 @@ def save_to_store(model_dir: str | os.PathLike[str], name: str) -> str:
 
     drop_broken_versions(store_name(name))
     model_dir = Path(model_dir)
-    manifest = json.loads((model_dir / "manifest.json").read_text("utf-8"))
+    manifest = Manifest.read(model_dir / "manifest.json")
     with bentoml.models.create(store_name(name), labels={"producer": "extendserve", "extendserve": __version__},
-                               metadata=summary(manifest)) as m:
+                               metadata=manifest.summary()) as m:
         for f in ("model.onnx", "manifest.json"):
             shutil.copyfile(model_dir / f, m.path_of(f))
     return str(m.tag)

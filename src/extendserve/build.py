@@ -1,0 +1,98 @@
+"""Building a model in memory: the heads checked against the base and each other, wired to it,
+merged into one ONNX graph, verified, and described by its manifest. Nothing is written here
+(:mod:`publish` writes), so a build that fails verification leaves no trace."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .base import PIXELS, Base
+from .errors import BuildError, ExtendserveError
+from .head import Head
+from .manifest import BASE_HEAD_NAMES, HeadEntry, Manifest
+from .merge import OUTPUT, merged_model, metadata, wire
+from .names import check_class_names
+from .scoring import unfrozen
+from .train import taken_share
+from .verify import verification_inputs, verify
+from .world import background_for
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A verified model, not yet written: what :func:`publish.publish` writes."""
+
+    onnx_bytes: bytes
+    manifest: Manifest
+
+    def files(self) -> dict[str, bytes]:
+        return {"model.onnx": self.onnx_bytes, "manifest.json": self.manifest.to_bytes()}
+
+
+def check_heads(base: Base, heads: Sequence[Head]) -> None:
+    """Class names unique across the base and every head, head names unique and not the base's."""
+    names = [c for h in heads for c in h.classes]
+    try:
+        check_class_names(names, "the new heads' classes, together", taken=base.labels, taken_by=f"base {base.name}")
+    except ExtendserveError as e:
+        raise BuildError(str(e)) from None
+    head_names = [h.name for h in heads]
+    if len(set(head_names)) != len(head_names) or set(head_names) & set(BASE_HEAD_NAMES):
+        raise BuildError(f"head names must be unique and not 'imagenet' or 'base' (got {head_names}); rename a head file")
+
+
+def heads_entries(base: Base, heads: Sequence[Head]) -> list[HeadEntry]:
+    """The manifest's ``heads``: the base's own first, then each head with its columns, where it
+    came from, and what it does to the base's world (the share of its background it takes)."""
+    base_head = "imagenet" if base.backbone is not None else "base"  # the built-ins are ImageNet classifiers
+    entries = [HeadEntry(name=base_head, offset=0, count=len(base.labels), source=base.source, digest=base.digest,
+                         method="original")]
+    offset, world = len(base.labels), background_for(base)
+    for h in heads:
+        entries.append(HeadEntry(name=h.name, offset=offset, count=len(h.classes), source=h.source,
+                                 digest=h.digest(), method=h.method, classes=list(h.classes), settings=h.settings,
+                                 background=world.source if world is not None else None,
+                                 background_taken=(None if world is None or unfrozen(h)
+                                                   else taken_share(base, h, world.features)),
+                                 heldout=h.settings.get("heldout")))
+        offset += len(h.classes)
+    return entries
+
+
+def build_model(base: Base, heads: Sequence[Head], real_inputs: Sequence[np.ndarray] = (),
+                settings: dict[str, Any] | None = None) -> BuiltModel:
+    """Wire the heads to the base, merge, verify; a model that fails verification is an error."""
+    t0 = time.time()
+    check_heads(base, heads)
+    labels = list(base.labels) + [c for h in heads for c in h.classes]
+    entries = heads_entries(base, heads)
+    pre = base.preprocess.to_dict()
+    wiring = wire(base, heads)
+    model = merged_model(base, heads, wiring, metadata(labels, pre, [e.to_dict() for e in entries], base,
+                                                       f"extendserve {__version__}"))
+    onnx_bytes = model.SerializeToString()
+    check = verify(onnx_bytes, base, heads, wiring, verification_inputs(base.input_size, real_inputs))
+    if not check["passed"]:
+        import json
+
+        raise BuildError(f"verification failed, nothing was written: {json.dumps(check)}")
+    manifest = Manifest(
+        labels=labels, heads=entries, backbone=base.describe() | {"restored_weights": base.restore_report},
+        preprocess=base.preprocess, model_sha256=hashlib.sha256(onnx_bytes).hexdigest(), verification=check,
+        input={"name": PIXELS, "dtype": "uint8", "shape": ["batch", base.input_size, base.input_size, 3],
+               "layout": "NHWC RGB after resize and centre crop"},
+        output={"name": OUTPUT, "dtype": "float32", "shape": ["batch", len(labels)]},
+        opset=base.opset, settings=settings or {},
+        built={"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
+               "extendserve": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    )
+    return BuiltModel(onnx_bytes, manifest)

@@ -1,0 +1,67 @@
+"""Reading and writing the user's files safely, whatever they hold (photos, ONNX models, class
+lists, head files, checkpoints, caches). No torch, no PIL: every other module may use it.
+
+Reading checks a file is regular and under a size before a byte is read, so a device (/dev/zero)
+or a FIFO is refused rather than read without end or waited on. Writing goes to a file beside the
+target and is renamed over it, so a crash or a full disk never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import ExtendserveError
+
+
+class FileReadError(ExtendserveError):
+    """A file that cannot be read as given (missing, not regular, too large); what it is for is in
+    the message, so each caller can say it in its own terms (a photo's becomes a 400)."""
+
+
+def read_regular_file(path: str | os.PathLike[str], limit: int, what: str) -> bytes:
+    """A regular file's bytes, at most ``limit`` of them; ``what`` names it in the messages."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise FileReadError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file (a device, FIFO or socket)"
+        raise FileReadError(f"{path}: {kind}; give a {what} file")
+    if st.st_size > limit:
+        raise FileReadError(f"{path}: {st.st_size / 2**20:.0f} MB is over the {limit / 2**20:.0f} MB limit for a {what}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise FileReadError(f"{path}: cannot read the {what} ({e.strerror})") from None
+    if len(data) > limit:  # it grew after the check
+        raise FileReadError(f"{path}: over the {limit / 2**20:.0f} MB limit for a {what}")
+    return data
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO], object], sync: bool = False) -> Path:
+    """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` all at once:
+    to a hidden file beside it, then renamed over it. ``sync`` forces it to disk first (for what
+    must survive a power cut, not for caches)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                f.write(data)
+            else:
+                data(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # a folder we cannot write: nothing was left in it either
+    return path

@@ -1,0 +1,142 @@
+"""A built model's manifest: what ``manifest.json`` holds, read and checked in one place.
+
+The runtime, the store, the service and the command line all read it through :class:`Manifest`, so
+a key is spelled once and a bad file is refused where it is read, with the fix. No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .config import PreprocessConfig
+from .errors import ExtendserveError
+
+FORMAT = "extendserve-model"
+MODEL_FILES = ("model.onnx", "manifest.json")
+BASE_HEAD_NAMES = ("imagenet", "base")  # the base's own block of outputs: a built-in backbone, a foreign base
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """One block of outputs: the base's own (first) or a new head's, with where it came from."""
+
+    name: str
+    offset: int
+    count: int
+    source: str | None = None
+    digest: str | None = None
+    method: str = "original"
+    classes: list[str] | None = None
+    settings: dict[str, Any] | None = None
+    background: str | None = None
+    background_taken: float | None = None
+    heldout: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.name in BASE_HEAD_NAMES and self.offset == 0:  # the base's entry: as it has always been written
+            d = {k: d[k] for k in ("name", "offset", "count", "source", "digest", "method")}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HeadEntry:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known} | {"name": str(d["name"]), "offset": int(d["offset"]),
+                                                                   "count": int(d["count"]),
+                                                                   "method": str(d.get("method", "original"))})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The model's labels, heads, base, preprocessing, verification and the sha256 of its ONNX bytes."""
+
+    labels: list[str]
+    heads: list[HeadEntry]
+    backbone: dict[str, Any]
+    preprocess: PreprocessConfig
+    model_sha256: str
+    verification: dict[str, Any]
+    input: dict[str, Any] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=dict)
+    opset: int | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    built: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base_count(self) -> int:
+        """How many outputs are the base's own (they come first)."""
+        return self.heads[0].count
+
+    @property
+    def new_heads(self) -> list[HeadEntry]:
+        return self.heads[1:]
+
+    def describe(self) -> str:
+        """In a few words, for "replaced X -> Y" lines."""
+        heads = ", ".join(f"{h.name} ({h.count})" for h in self.heads)
+        return f"heads {heads}, sha256 {self.model_sha256[:12]}"
+
+    def summary(self) -> dict[str, Any]:
+        """What ``/info`` shows, as the store's metadata (plain JSON values)."""
+        return {
+            "labels": len(self.labels),
+            "heads": [{"name": h.name, "offset": h.offset, "count": h.count, "method": h.method} for h in self.heads],
+            "backbone": {k: self.backbone.get(k) for k in ("name", "digest", "source", "layout")},
+            "preprocess": self.preprocess.to_dict(),
+            "verification": {k: v for k, v in self.verification.items() if isinstance(v, (int, float, bool, str))},
+            "model_sha256": self.model_sha256,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": 1, "labels": self.labels, "heads": [h.to_dict() for h in self.heads],
+                "backbone": self.backbone, "preprocess": self.preprocess.to_dict(), "input": self.input,
+                "output": self.output, "opset": self.opset, "verification": self.verification,
+                "model_sha256": self.model_sha256, "settings": self.settings, "built": self.built}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=2).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest.json") -> Manifest:
+        """Checked as it is read: the keys a model needs, and heads that tile the labels exactly."""
+        try:
+            m = cls(labels=[str(x) for x in d["labels"]], heads=[HeadEntry.from_dict(h) for h in d["heads"]],
+                    backbone=dict(d.get("backbone") or {}), preprocess=PreprocessConfig.from_dict(d["preprocess"]),
+                    model_sha256=str(d["model_sha256"]), verification=dict(d.get("verification") or {}),
+                    input=dict(d.get("input") or {}), output=dict(d.get("output") or {}), opset=d.get("opset"),
+                    settings=dict(d.get("settings") or {}), built=dict(d.get("built") or {}))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ExtendserveError(f"{where}: unreadable manifest ({type(e).__name__}: {e}); rebuild the model") from None
+        at = 0
+        for h in sorted(m.heads, key=lambda h: h.offset):
+            if h.offset != at or h.count < 1:
+                raise ExtendserveError(f"{where}: head {h.name!r} does not start where the previous one ends "
+                                       f"(offset {h.offset}, expected {at}); rebuild the model")
+            at += h.count
+        if at != len(m.labels) or not m.heads:
+            raise ExtendserveError(f"{where}: the heads cover {at} outputs but there are {len(m.labels)} labels; "
+                                   "rebuild the model")
+        return m
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> Manifest:
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text("utf-8"))
+        except (OSError, ValueError) as e:
+            raise ExtendserveError(f"{p}: unreadable manifest ({e}); rebuild the model") from None
+        if not isinstance(d, dict):
+            raise ExtendserveError(f"{p}: not an extendserve manifest; rebuild the model")
+        return cls.from_dict(d, str(p))
+
+
+def is_manifest(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` says it is an extendserve model's manifest (not whether it is a whole one)."""
+    try:
+        return json.loads(Path(path).read_text("utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
