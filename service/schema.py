@@ -6,19 +6,16 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
 
+from extendserve.runtime import Prediction
+
 from .edge import strict_int
 
 TopK = Annotated[int, BeforeValidator(strict_int)]
 
 
-class Prediction(BaseModel):
-    label: str
-    index: int = Field(description="column of the model's output (the base's classes first, then each head's)")
-    score: float = Field(description="probability over all classes (the model's scores output)")
-    head: str = Field(description="which head the class belongs to ('imagenet' or 'base': the original classes)")
-
-
 class Classification(BaseModel):
+    """A photo's top-k classes, best first (``extendserve.runtime.Prediction``, as ``predict`` gives them)."""
+
     predictions: list[Prediction]
 
 
@@ -38,4 +35,6 @@ class Info(BaseModel):
     opset: int | None
     device: str
     providers: list[str]
+    batching: dict[str, float] = Field(description="this worker's micro-batcher: model calls and photos so far, "
+                                                    "max_batch, window_ms")
     versions: dict[str, str]

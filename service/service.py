@@ -19,7 +19,7 @@ from typing import Any
 import bentoml
 import numpy as np
 from fastapi import FastAPI
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, Response
 
 try:
     import extendserve  # noqa: F401
@@ -33,8 +33,8 @@ from extendserve.runtime import Model
 from extendserve.served import give_back_memory, resolve_served_model, without_paths
 from extendserve.settings import ServiceSettings
 
-from .edge import HttpEdge, error
-from .schema import Classification, Info, Prediction, TopK
+from .edge import ClientError, HttpEdge, answers_client_errors
+from .schema import Classification, Info, TopK
 
 log = logging.getLogger("extendserve")
 
@@ -121,6 +121,7 @@ class Classifier:
             "pinned_copy": str(self.model.dir),
             "device": self.model.device,
             "providers": self.model.session.get_providers(),
+            "batching": self.batcher.stats(),
             "versions": {"extendserve": __version__, "onnxruntime": onnxruntime.__version__,
                          "bentoml": bentoml.__version__, "numpy": np.__version__,
                          "python": sys.version.split()[0]},
@@ -132,50 +133,50 @@ class Classifier:
         """An uploaded file or a raw body -> the model's pixels, size-checked before it is read."""
         size = len(photo) if isinstance(photo, bytes) else photo.stat().st_size
         if size > S.max_upload:
-            raise _TooLarge(f"{name}: {size / 2**20:.1f} MB is over the {S.max_upload / 2**20:.0f} MB upload limit")
+            raise ClientError(413, f"{name}: {size / 2**20:.1f} MB is over the {S.max_upload / 2**20:.0f} MB upload limit")
         read = (lambda: photo) if isinstance(photo, bytes) else photo.read_bytes
         async with self.decoding:
-            return await asyncio.to_thread(lambda: self.model.prepare(read(), name))
+            try:
+                return await asyncio.to_thread(lambda: self.model.prepare(read(), name))
+            except BadImageError as e:
+                raise ClientError(400, str(e)) from None
 
-    async def classify_one(self, photo: Path | bytes, top_k: int) -> Classification | JSONResponse:
-        out = await self._classify([photo], top_k)
-        return out if isinstance(out, JSONResponse) else out[0]
+    async def classify_one(self, photo: Path | bytes, top_k: int) -> Classification:
+        return (await self._classify([photo], top_k))[0]
 
-    async def _classify(self, paths: list[Path | bytes], top_k: int) -> list[Classification] | JSONResponse:
-        if not 1 <= top_k <= len(self.model.labels):
-            return error(400, f"top_k must be between 1 and {len(self.model.labels)}, not {top_k}")
-        rows: list[np.ndarray] = []
+    async def _classify(self, paths: list[Path | bytes], top_k: int) -> list[Classification]:
         try:
-            # A chunk at a time: a batch of hundreds takes turns in the decode threads and the model
-            # queue with single requests, rather than queueing all its photos ahead of theirs.
-            for start in range(0, len(paths), S.chunk):
-                chunk = paths[start : start + S.chunk]
-                pixels = await asyncio.gather(*[self._prepare(p, f"image {start + i}" if len(paths) > 1 else "image")
-                                                for i, p in enumerate(chunk)])
-                rows += await asyncio.gather(*[self.batcher.submit(x) for x in pixels])
-        except _TooLarge as e:
-            return error(413, str(e))
-        except BadImageError as e:
-            return error(400, str(e))
-        preds = self.model.top_k(np.stack(rows), top_k)
-        return [Classification(predictions=[Prediction(**p.to_dict()) for p in row]) for row in preds]
+            self.model.check_top_k(top_k)
+        except ExtendserveError as e:
+            raise ClientError(400, str(e)) from None
+        rows: list[np.ndarray] = []
+        # A chunk at a time: a batch of hundreds takes turns in the decode threads and the model
+        # queue with single requests, rather than queueing all its photos ahead of theirs.
+        for start in range(0, len(paths), S.chunk):
+            chunk = paths[start : start + S.chunk]
+            pixels = await asyncio.gather(*[self._prepare(p, f"image {start + i}" if len(paths) > 1 else "image")
+                                            for i, p in enumerate(chunk)])
+            rows += await asyncio.gather(*[self.batcher.submit(x) for x in pixels])
+        return [Classification(predictions=row) for row in self.model.top_k(np.stack(rows), top_k)]
 
     @bentoml.api
+    @answers_client_errors
     async def classify(self, image: Path, top_k: TopK = 5) -> Classification:
         """One photo (multipart field ``image``) -> its top-k labels, scores and heads."""
-        return await self.classify_one(image, top_k)  # type: ignore[return-value]
+        return await self.classify_one(image, top_k)
 
     @bentoml.api
+    @answers_client_errors
     async def classify_batch(self, images: list[Path], top_k: TopK = 5) -> list[Classification]:
         """Several photos (multipart field ``images``, repeated) -> one result each, in order."""
         if not images:
-            return error(400, "no photos: send one or more multipart fields named 'images'")  # type: ignore[return-value]
+            raise ClientError(400, "no photos: send one or more multipart fields named 'images'")
         if len(images) > S.max_batch_photos:
-            return error(413, f"{len(images)} photos in one request is over the limit of {S.max_batch_photos} "  # type: ignore[return-value]
-                               "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
+            raise ClientError(413, f"{len(images)} photos in one request is over the limit of {S.max_batch_photos} "
+                                   "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
         self.batches += 1
         try:
-            return await self._classify(images, top_k)  # type: ignore[return-value]
+            return await self._classify(images, top_k)
         finally:
             self.batches -= 1
             if not self.batches:
@@ -184,7 +185,3 @@ class Classifier:
 
 Classifier.add_asgi_middleware(HttpEdge, limit=S.max_upload + 64 * 1024, batch_limit=S.max_request,
                                min_rate=S.min_rate, grace=S.grace, admitted=S.admitted)
-
-
-class _TooLarge(Exception):
-    pass

@@ -206,9 +206,14 @@ def test_info_and_bentoml_endpoints(server):
 
 
 def test_concurrent_requests_are_batched(server):
+    """48 concurrent photos on the one worker: every answer right, and fewer model calls than photos."""
+    before = json.loads(server.get("/info")[1])["batching"]
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda _: server.post("/classify", [("image", disc(), "d.jpg")]), range(48)))
     assert all(s == 200 and b["predictions"][0]["label"] == "red discs" for s, b in results)
+    after = json.loads(server.get("/info")[1])["batching"]
+    photos, calls = after["photos"] - before["photos"], after["model_calls"] - before["model_calls"]
+    assert photos == 48 and calls < photos, (before, after)
 
 
 def test_no_torch_in_service(server, built_model):

@@ -20,6 +20,13 @@ class MicroBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
         self._task: asyncio.Task[None] | None = None
+        self.model_calls = 0  # what batching did so far, shown in /info
+        self.photos = 0
+
+    def stats(self) -> dict[str, float]:
+        """Model calls and photos so far, and the settings they ran under."""
+        return {"model_calls": self.model_calls, "photos": self.photos, "max_batch": self.max_batch,
+                "window_ms": self.max_wait * 1000.0}
 
     async def submit(self, pixels: np.ndarray) -> np.ndarray:
         """One photo's uint8 pixels -> its row of logits."""
@@ -58,6 +65,8 @@ class MicroBatcher:
                     if not f.done():
                         f.set_exception(e)
                 continue
+            self.model_calls += 1
+            self.photos += len(batch)
             for (_, f), row in zip(batch, out):
                 if not f.done():
                     f.set_result(row)

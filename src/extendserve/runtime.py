@@ -74,8 +74,13 @@ def active_device(sess: ort.InferenceSession) -> str:
     return "cuda" if "CUDAExecutionProvider" in sess.get_providers() else "cpu"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prediction:
+    """One of a photo's top classes: its label, its column in the model's output (the base's
+    classes first, then each head's), its probability over all classes (the graph's ``scores``
+    output) and the head it belongs to ('imagenet' or 'base': the original classes). The service
+    returns it as it is, and ``predict`` prints it."""
+
     label: str
     index: int
     score: float
@@ -158,8 +163,18 @@ class Model:
             return binding.copy_outputs_to_cpu()[0]
         return self.session.run([output], {self.input_name: pixels})[0]
 
-    def top_k(self, probs: np.ndarray, k: int = 5) -> list[list[Prediction]]:
-        k = max(1, min(int(k), probs.shape[1]))
+    def check_top_k(self, k: int) -> int:
+        """The one check of how many predictions a photo gets."""
+        if not 1 <= k <= len(self.labels):
+            raise ExtendserveError(f"top_k must be between 1 and {len(self.labels)} (the model's classes), not {k}")
+        return k
+
+    def classify(self, pixels: np.ndarray, k: int = 5) -> list[list[Prediction]]:
+        """uint8 [B, crop, crop, 3] -> each photo's top ``k`` predictions, best first."""
+        return self.top_k(self.logits(pixels, scores=True), self.check_top_k(k))
+
+    def top_k(self, probs: np.ndarray, k: int) -> list[list[Prediction]]:
+        """Probability rows -> their top ``k`` (checked by :meth:`check_top_k`), best first."""
         idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [
             [Prediction(self.labels[i], int(i), float(p[i]), str(self.head_of[i])) for i in row]
@@ -192,11 +207,12 @@ class Model:
 
     def predict_files(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
         """One result per path, in order; an unreadable photo gets an ``error`` entry."""
+        self.check_top_k(k)
         results: list[dict[str, Any]] = [{"image": p} for p in paths]
         pixels, ok, errors = self.load_files(paths)
         for i, msg in errors.items():
             results[i]["error"] = msg
-        for i, row in zip(ok, self.top_k(self.logits(pixels, scores=True), k)):
+        for i, row in zip(ok, self.classify(pixels, k)):
             results[i]["predictions"] = [x.to_dict() for x in row]
         return results
 
