@@ -123,22 +123,6 @@ def best_rate(fn, items: int, repeats: int = 3, min_seconds: float = 0.5) -> flo
 
 def torch_merged(loaded, heads):  # type: ignore[no-untyped-def]
     """The merged model in torch eager (uint8 pixels -> base logits | heads), for torch-side figures."""
-    import torch
-    from torch import nn
+    from extendserve.scoring import TorchMerged
 
-    from extendserve.backbone import InputAdapter
-    from extendserve.scoring import scorer
-
-    class TorchMerged(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.adapter = InputAdapter(loaded.spec.preprocess)
-            self.model = loaded.model
-            self.scorers = nn.ModuleList([scorer(h) for h in heads])
-
-        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-            f = self.model.forward_features(self.adapter(pixels))
-            old = self.model.forward_head(f)
-            return torch.cat([old] + [s(f, old) for s in self.scorers], 1)
-
-    return TorchMerged().eval()
+    return TorchMerged(loaded.model, loaded.spec.preprocess, heads).eval()

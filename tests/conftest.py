@@ -106,19 +106,15 @@ def header_only_jpeg() -> bytes:
 
 
 def torch_reference(heads: list, pixels: np.ndarray, backbone: str = "efficientnet_lite0") -> np.ndarray:
-    """The merged model's logits computed in torch alone: the original model's logits, then each
-    head's scorer on its features (what the merged ONNX graph must reproduce)."""
+    """The merged model's logits computed in torch alone (what the merged ONNX graph must reproduce)."""
     import torch
 
-    from extendserve.backbone import InputAdapter
     from extendserve.pretrained import load_backbone
-    from extendserve.scoring import scorer
+    from extendserve.scoring import TorchMerged
 
     bb = load_backbone(backbone)
     with torch.no_grad():
-        feats = bb.model.forward_features(InputAdapter(bb.spec.preprocess)(torch.from_numpy(pixels)))
-        old = bb.model.forward_head(feats)
-        return torch.cat([old] + [scorer(h)(feats, old) for h in heads], 1).numpy()
+        return TorchMerged(bb.model, bb.spec.preprocess, heads).eval()(torch.from_numpy(pixels)).numpy()
 
 
 def relative_diff(got: np.ndarray, want: np.ndarray) -> float:

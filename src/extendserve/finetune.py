@@ -29,7 +29,7 @@ from .head import Head
 from .preprocess import read_photo
 from .progress import progress
 from .runtime import make_session
-from .scoring import PREFIX, scorer, top_from_head
+from .scoring import PREFIX, merged_logits, scorer, top_from_head
 from .train import TrainReport, classifier, heldout_accuracy, split
 
 
@@ -112,7 +112,7 @@ def train_unfrozen(base: Base, files: Sequence[Path], feats: np.ndarray, labels:
         with torch.no_grad():
             new_feats = top(maps[ho, 0])
             old = torch.from_numpy(feats[ho, 0]).float() @ w.T + b
-            logits = torch.cat([old, scorer(probe)(new_feats, old)], 1).numpy()
+            logits = merged_logits([scorer(probe)], new_feats, old).numpy()
         report.heldout = heldout_accuracy(logits, labels[ho], classes)
     head = fit_unfrozen(base, maps, labels, classes, s, k, freeze)
     report.seconds = time.time() - t0

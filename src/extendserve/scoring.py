@@ -13,12 +13,14 @@ small ONNX graph, which :mod:`merge` wires beside the untouched base graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import onnx
 import torch
 from torch import nn
 
-from .backbone import EfficientNetLite, TopCopy
+from .backbone import EfficientNetLite, InputAdapter, TopCopy
+from .config import PreprocessConfig
 from .errors import ExtendserveError, HeadFileError
 from .head import Head
 from .onnx_export import export_module
@@ -196,3 +198,27 @@ def head_graph(head: Head, backbone: EfficientNetLite | None, in_shape: tuple[in
     data = export_module(HeadGraph(head, backbone), (torch.zeros(2, *in_shape), torch.zeros(2, classes)),
                          ["features", "old_logits"], ["new_logits"], opset)
     return onnx.load_from_string(data)
+
+
+def merged_logits(scorers: Sequence[nn.Module], feats: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
+    """The merged model's logits from the base's features and logits: old columns first, each
+    head's after (the one torch statement of what the ONNX graph concatenates)."""
+    return torch.cat([old_logits] + [s(feats, old_logits) for s in scorers], 1)
+
+
+class TorchMerged(nn.Module):
+    """The merged model in torch alone, uint8 pixels -> [B, K + N] logits: the reference the ONNX
+    graph is verified against, and what tests and benchmarks compare with (heads on the features;
+    a ``--unfreeze-top`` head is verified on the base graph's own tap instead, see verify)."""
+
+    def __init__(self, backbone: EfficientNetLite, preprocess: PreprocessConfig, heads: Sequence[Head] = ()):
+        super().__init__()
+        if any(unfrozen(h) for h in heads):
+            raise ExtendserveError("TorchMerged scores heads on the features; a --unfreeze-top head reads a tap")
+        self.adapter = InputAdapter(preprocess)
+        self.model = backbone
+        self.scorers = nn.ModuleList([scorer(h) for h in heads])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.model.forward_features(self.adapter(pixels))
+        return merged_logits(self.scorers, feats, self.model.forward_head(feats))

@@ -16,7 +16,7 @@ from .config import GATES
 from .errors import ExtendserveError
 from .fit import fit_joint, fit_softmax
 from .head import Head
-from .scoring import scorer
+from .scoring import merged_logits, scorer
 from .world import Background
 
 
@@ -113,7 +113,7 @@ def score_features(base: Base, head: Head, feats: np.ndarray) -> np.ndarray:
     w, b = classifier(base)
     with torch.no_grad():
         old = x @ w.T + b
-        return torch.cat([old, scorer(head)(x, old)], 1).numpy()
+        return merged_logits([scorer(head)], x, old).numpy()
 
 
 def taken_share(base: Base, head: Head, feats: np.ndarray) -> float:

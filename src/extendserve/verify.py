@@ -14,7 +14,7 @@ from .base import PIXELS, Base
 from .head import Head
 from .merge import OUTPUT, SCORES, Wiring
 from .runtime import make_session
-from .scoring import HeadGraph
+from .scoring import HeadGraph, TorchMerged
 
 # ONNX vs torch, relative to each photo's largest |logit| (at least 1): onnxruntime picks other
 # kernels on other CPU kinds, so an absolute bound on float32 logits is machine luck, not a check.
@@ -94,10 +94,8 @@ def verify(onnx_bytes: bytes, base: Base, heads: Sequence[Head], wiring: Wiring,
     ok = ok and got_scores.shape == got.shape and scores_self <= 1e-5 and scores_ref <= 2 * PARITY_RTOL * float(scale.max())
     ok = ok and base_diff / float(np.abs(old).max() or 1.0) <= PARITY_RTOL
     if base.backbone is not None:  # a built-in base: its export against the original torch model
-        from .backbone import InputAdapter
-
         with torch.no_grad():
-            original = base.backbone(InputAdapter(base.preprocess)(torch.from_numpy(inputs))).numpy()
+            original = TorchMerged(base.backbone, base.preprocess)(torch.from_numpy(inputs)).numpy()
         rel = float((np.abs(got[:, :k] - original).max(1) / scale).max())
         check |= {"imagenet_max_abs_diff": float(np.abs(got[:, :k] - original).max()), "imagenet_max_rel_diff": rel}
         ok = ok and rel <= PARITY_RTOL
