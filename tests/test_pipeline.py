@@ -182,7 +182,7 @@ def test_sigkill_during_build_keeps_previous_model(built_model, synthetic_head, 
     assert Model(target).run(np.zeros((1, 224, 224, 3), np.uint8)).shape == (1, 1002)
 
 
-def test_train_head_skips_bad_files_and_names_an_emptied_class(tmp_path, monkeypatch):
+def test_train_head_skips_bad_files_and_names_an_emptied_class(tmp_path):
     root = tmp_path / "photos"
     for kind, name in enumerate(["discs", "stripes"]):
         (root / name).mkdir(parents=True)
@@ -193,8 +193,7 @@ def test_train_head_skips_bad_files_and_names_an_emptied_class(tmp_path, monkeyp
     (root / "discs" / "huge.jpg").write_bytes(jpeg_bytes(synthetic_photo(0, 9)) + b"\0" * 300_000)
     (root / "discs" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
     (root / "discs" / "notes.txt").write_text("not a photo either")
-    monkeypatch.setenv("EXTENDSERVE_MAX_FILE_BYTES", "200000")
-    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"))
+    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"), env={"EXTENDSERVE_MAX_FILE_BYTES": "200000"})
     for name, why in [("zero.jpg", "empty"), ("text.jpg", "not a recognised image"), ("huge.jpg", "limit"),
                       ("gone.jpg", "cannot read"), ("notes.txt", "extension")]:
         line = next((ln for ln in r.stderr.splitlines() if name in ln), "")
