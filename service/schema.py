@@ -35,6 +35,7 @@ class Info(BaseModel):
     opset: int | None
     device: str
     providers: list[str]
+    engine: dict[str, Any] = Field(description="the engine running the model (onnxruntime or OpenVINO) and why")
     batching: dict[str, float] = Field(description="this worker's micro-batcher: model calls and photos so far, "
                                                     "max_batch, window_ms")
     versions: dict[str, str]

@@ -81,15 +81,16 @@ class Classifier:
 
     def __init__(self) -> None:
         try:
-            self.model = Model(MODEL_DIR, device=S.device, threads=S.threads)
+            self.model = Model(MODEL_DIR, device=S.device, threads=S.threads, engine=S.engine)
         except ExtendserveError as e:
             # A worker that cannot load the model checked at start-up (CUDA missing, say) ends the
             # whole service rather than being restarted in a loop while the port stays open.
             log.error("extendserve: %s", e)
             os.kill(os.getppid(), signal.SIGTERM)
             raise SystemExit(2) from None
-        log.warning("extendserve: serving %s (pinned copy %s) on %s (providers: %s)", MODEL_TAG or MODEL_SOURCE, MODEL_DIR,
-                    self.model.device.upper(), ", ".join(self.model.session.get_providers()))
+        log.warning("extendserve: serving %s (pinned copy %s) on %s with %s (providers: %s)", MODEL_TAG or MODEL_SOURCE,
+                    MODEL_DIR, self.model.device.upper(), self.model.engine.name,
+                    ", ".join(self.model.session.get_providers()))
         self.model.warm_up((1, 8, S.max_batch))  # grow memory arenas to the largest batch now
         # An in-process batcher rather than @bentoml.api(batchable=True): a batchable API takes exactly
         # one argument ("Batch inference function only accept one argument", BentoML 1.4's
@@ -122,6 +123,7 @@ class Classifier:
             "device": self.model.device,
             "providers": self.model.session.get_providers(),
             "batching": self.batcher.stats(),
+            "engine": self.model.engine_report,
             "versions": {"extendserve": __version__, "onnxruntime": onnxruntime.__version__,
                          "bentoml": bentoml.__version__, "numpy": np.__version__,
                          "python": sys.version.split()[0]},

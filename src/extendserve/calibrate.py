@@ -81,35 +81,54 @@ class Metric:
     sigma: float
 
     def distances(self, feats: np.ndarray) -> np.ndarray:
-        """[m, D] features -> [m, n] distances to each class mean.
+        """[m, D] features -> [m, n] distances to each class mean, in float64.
 
-        Written as a sum of non-negative terms, |z - V p|^2 + sum_i (1 - w_i) p_i^2 with p = V^T z,
-        rather than |z|^2 - sum_i w_i p_i^2: the two are equal, but the difference of two large
-        sums cancels in float32 and moved the gate by 3e-3 logits between CPU kinds."""
-        z = _unit(feats)[:, None, :] - self.means[None]
-        proj = z @ self.basis
-        rest = z - proj @ self.basis.T
-        return ((rest * rest).sum(-1) + (proj * proj * (1 - self.weights)).sum(-1)) / self.sigma
+        |z|^2 - sum_i w_i p_i^2 (z = unit - mean, p = V^T z) expanded into matrix products, so no
+        [m, n, D] array is made (at 1000 classes and photos that array was 10 GB). The difference
+        of two sums cancels: in float32 it moved the gate by 3e-3 logits between CPU kinds, in
+        float64 by ~1e-12; the graph computes it in float64 too (scoring.Distances)."""
+        u = _unit(feats).astype(np.float64)
+        m, v, w = (np.asarray(x, np.float64) for x in (self.means, self.basis, self.weights))
+        mv, uv = m @ v, u @ v
+        sq = (u * u).sum(1)[:, None] - 2.0 * (u @ m.T) + (m * m).sum(1)[None]
+        proj = (uv * uv * w).sum(1)[:, None] - 2.0 * ((uv * w) @ mv.T) + (mv * mv * w).sum(1)[None]
+        return np.maximum(sq - proj, 0.0) / self.sigma
+
+
+CHUNK = 4096  # views a step, when statistics are accumulated: bounds memory whatever the photo count
 
 
 def fit_metric(feats: np.ndarray, labels: np.ndarray, n: int, shrinkage: float, rank: int) -> Metric:
-    """Class means and shared shrunk covariance of all views' unit features [m, V, D]."""
-    unit = _unit(feats)
-    views = unit.reshape(-1, feats.shape[-1]).astype(np.float64)
-    lv = np.repeat(labels, feats.shape[1])
-    means = np.stack([views[lv == c].mean(0) for c in range(n)])
-    centred = views - means[lv]
-    m, d = centred.shape
+    """Class means and shared shrunk covariance of all views' unit features [m, V, D], accumulated
+    a chunk of photos at a time in float64 (no float64 copy of every view)."""
+    photos, views, d = feats.shape
+    step = max(1, CHUNK // views)
+    sums, counts = np.zeros((n, d)), np.zeros(n)
+    for i in range(0, photos, step):
+        np.add.at(sums, labels[i : i + step], _unit(feats[i : i + step]).astype(np.float64).sum(1))
+        counts += np.bincount(labels[i : i + step], minlength=n) * views
+    means = sums / counts[:, None]
+
+    def centred(i: int) -> np.ndarray:
+        u = _unit(feats[i : i + step]).astype(np.float64)
+        return (u - means[labels[i : i + step], None, :]).reshape(-1, d)
+
+    m = photos * views
     if m < d:  # fewer views than dimensions: the same eigenvectors from the m x m Gram matrix, faster
-        lam, u = np.linalg.eigh(centred @ centred.T / m)
+        c = centred(0) if step >= photos else np.concatenate([centred(i) for i in range(0, photos, step)])
+        lam, u = np.linalg.eigh(c @ c.T / m)
         lam = np.clip(lam, 0.0, None)
         top = np.argsort(-lam)[: min(rank, m)]
         top = top[lam[top] > 1e-12 * max(lam.max(), 1e-30)]
         vec = np.zeros((d, len(lam)))
-        vec[:, top] = centred.T @ u[:, top] / np.sqrt(m * lam[top])
+        vec[:, top] = c.T @ u[:, top] / np.sqrt(m * lam[top])
         total = lam.sum()
     else:
-        lam, vec = np.linalg.eigh(centred.T @ centred / m)
+        scatter = np.zeros((d, d))
+        for i in range(0, photos, step):
+            c = centred(i)
+            scatter += c.T @ c
+        lam, vec = np.linalg.eigh(scatter / m)
         lam = np.clip(lam, 0.0, None)
         top = np.argsort(-lam)[: min(rank, len(lam))]
         total = lam.sum()

@@ -27,18 +27,22 @@ of :mod:`calibrate`: README, "New classes that know the world" (``bench/world_sp
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
 from .base import Base
-from .calibrate import Metric, fit_metric
+from .calibrate import CHUNK, Metric, fit_metric
 from .head import Head
-from .progress import progress
+from .progress import eta, progress
 from .world import Background
 
 EVIDENCE = ("class_distance", "ranker", "world_distance", "base_confidence")
+# L-BFGS keeps HISTORY pairs of parameter-sized vectors: at 1000 classes x 1280 features, torch's
+# default of 100 was 2 GB of the 17 GB train-head peak.
+HISTORY = 20
 
 
 def power(feats: np.ndarray, p: float) -> np.ndarray:
@@ -56,22 +60,29 @@ def fit_ranker(t: np.ndarray, labels: np.ndarray, n: int, c: float, label: str,
                start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Multinomial logistic regression on every view, 0.5 |W|^2 + c * sum CE, by L-BFGS (deterministic).
     The objective is strictly convex, so ``start`` (the all-photos solution, for a fold) only
-    shortens the walk to the same optimum."""
+    shortens the walk to the same optimum. The loss is summed a chunk of views at a time in
+    float64, so memory stays bounded by the chunk and the classes, not by the photos."""
     d = t.shape[-1]
     if n == 1:
         return np.zeros((1, d), np.float32), np.zeros(1, np.float32)
-    x = torch.from_numpy(t.reshape(-1, d).astype(np.float64))
+    x = t.reshape(-1, d)
     y = torch.from_numpy(np.repeat(labels, t.shape[1])).long()
     w0, b0 = start if start is not None else (np.zeros((n, d)), np.zeros(n))
     w = torch.tensor(np.asarray(w0, np.float64), requires_grad=True)
     b = torch.tensor(np.asarray(b0, np.float64), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=100, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=100, history_size=HISTORY, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = 0.5 * (w * w).sum() + c * torch.nn.functional.cross_entropy(x @ w.T + b, y, reduction="sum")
-        loss.backward()
-        return loss
+        reg = 0.5 * (w * w).sum()
+        reg.backward()
+        total = float(reg)
+        for i in range(0, len(x), CHUNK):
+            xc = torch.from_numpy(x[i : i + CHUNK].astype(np.float64))
+            part = c * torch.nn.functional.cross_entropy(xc @ w.T + b, y[i : i + CHUNK], reduction="sum")
+            part.backward()
+            total += float(part)
+        return torch.tensor(total, dtype=torch.float64)
 
     opt.step(closure)
     progress(label, 1, 1, "ranker")
@@ -147,8 +158,10 @@ def _out_of_fold(t: np.ndarray, labels: np.ndarray, n: int, s: Any, rw: np.ndarr
     fold = _folds(labels, n, s.gate_folds, s.seed)
     d_oof, r_oof = np.zeros((len(labels), n)), np.zeros((len(labels), n))
     avail = np.ones((len(labels), n), bool)
+    t0 = time.monotonic()
     for j in range(s.gate_folds):
         held, rest = fold == j, fold != j
+        progress(f"{label}: out-of-fold evidence", j, s.gate_folds, eta(t0, j, s.gate_folds).lstrip(", "))
         if not held.any():
             continue
         if not rest.any():  # one photo per class: measured in sample

@@ -25,7 +25,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
             raise ExtendserveError(f"{path}: not a regular file (a folder, device, FIFO or socket); give photo files")
     if a.top_k < 1:
         raise ExtendserveError(f"--top-k must be at least 1, not {a.top_k}")
-    model = Model(a.model, device=os.environ.get("EXTENDSERVE_DEVICE", "cpu"))
+    model = Model(a.model, device=os.environ.get("EXTENDSERVE_DEVICE", "cpu"),
+                  engine=os.environ.get("EXTENDSERVE_ENGINE", "onnxruntime"))
     results = model.predict_files(a.images, a.top_k)
     if a.json:
         print(json.dumps(results, indent=2))

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from .config import PreprocessConfig, cache_root
 from .errors import BadImageError, ExtendserveError
 from .files import write_atomic
 from .preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_photo, resize_shorter
-from .progress import progress
+from .progress import eta, progress
 
 # View 0 is exactly what the served model sees; the rest are the training augmentation.
 VIEWS = ("center", "center-flip", "tl", "tr", "bl", "br", "tl-flip", "tr-flip", "bl-flip", "br-flip",
@@ -196,26 +197,29 @@ class FeatureExtractor:
     def extract(
         self, files: Sequence[Path], on_skip: Callable[[str, str], None] | None = None
     ) -> tuple[np.ndarray, list[int], int]:
-        """Features [n_ok, len(VIEWS), D] of the readable files, their positions, and cache hits."""
+        """Features [n_ok, len(VIEWS), D] of the readable files, their positions, and cache hits.
+
+        Written into one array as they come (a photo's slot is its place among the readable ones),
+        so the features are held once, not once per photo and again stacked."""
         hits = 0
-        pending: list[tuple[int, str, np.ndarray]] = []
+        out = np.empty((len(files), len(VIEWS), self.base.feature_dim), np.float32)  # pages used as filled
+        ok: list[int] = []
+        pending: list[tuple[int, str, np.ndarray]] = []  # (slot, cache key, views)
+        t0 = time.monotonic()
 
         def flush() -> None:
             if not pending:
                 return
-            out = self.run(np.concatenate([v for _, _, v in pending]))
-            if not np.isfinite(out).all():  # never cached, never trained on
+            got = self.run(np.concatenate([v for _, _, v in pending]))
+            if not np.isfinite(got).all():  # never cached, never trained on
                 raise ExtendserveError(
-                    f"the base computed NaN or infinite features for {files[pending[0][0]]}; check "
+                    f"the base computed NaN or infinite features for {files[ok[pending[0][0]]]}; check "
                     "its --preprocess (a std of 0 or a wrong scale) and that the model runs in onnxruntime alone")
-            for j, (i, key, _) in enumerate(pending):
-                f = np.ascontiguousarray(out[j * len(VIEWS) : (j + 1) * len(VIEWS)], dtype=np.float32)
-                self.cache.put(key, f)
-                results[i] = f
+            for j, (slot, key, _) in enumerate(pending):
+                out[slot] = got[j * len(VIEWS) : (j + 1) * len(VIEWS)]
+                self.cache.put(key, out[slot])
             pending.clear()
 
-        results: dict[int, np.ndarray] = {}
-        cfg = self.base.preprocess
         for i, path in enumerate(files):
             try:
                 data = read_photo(path)
@@ -226,23 +230,20 @@ class FeatureExtractor:
             key = self.cache.key(data)
             cached = self.cache.get(key)
             if cached is not None:
-                results[i] = cached
+                out[len(ok)] = cached
+                ok.append(i)
                 hits += 1
-                progress("features", i + 1, len(files), f"({hits} cached)")
-                continue
-            try:
-                v = photo_views(data, str(path), cfg)
-            except BadImageError as e:
-                if on_skip:
-                    on_skip(str(path), str(e).split(": ", 1)[-1])
-                continue
-            pending.append((i, key, v))
-            if len(pending) >= 4:
-                flush()
-            progress("features", i + 1, len(files), f"({hits} cached)")
+            else:
+                try:
+                    v = photo_views(data, str(path), self.base.preprocess)
+                except BadImageError as e:
+                    if on_skip:
+                        on_skip(str(path), str(e).split(": ", 1)[-1])
+                    continue
+                pending.append((len(ok), key, v))
+                ok.append(i)
+                if len(pending) >= 4:
+                    flush()
+            progress("features", i + 1, len(files), f"({hits} cached){eta(t0, i + 1, len(files))}")
         flush()
-        ok = sorted(results)
-        feats = [results[i] for i in ok]
-        dim = self.base.feature_dim
-        arr = np.stack(feats) if feats else np.zeros((0, len(VIEWS), dim), np.float32)
-        return arr, ok, hits
+        return out[: len(ok)], ok, hits

@@ -12,3 +12,13 @@ def progress(label: str, done: int, total: int, extra: str = "") -> None:
         end = "\r" if tty and done < total else "\n"
         sys.stderr.write(f"{label}: {done}/{total}{(' ' + extra) if extra else ''}{end}")
         sys.stderr.flush()
+
+
+def eta(started: float, done: int, total: int) -> str:
+    """", about 2m10s left" from the rate so far (``started``: time.monotonic() at the start)."""
+    import time
+
+    if done >= total or done < 2:
+        return ""
+    left = (time.monotonic() - started) / done * (total - done)
+    return f", about {int(left // 60)}m{int(left % 60):02d}s left" if left >= 60 else f", about {left:.0f}s left"

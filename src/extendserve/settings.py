@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .engines import ENGINES
 from .errors import ExtendserveError
 from .runtime import DEVICES
 
@@ -45,12 +46,16 @@ class ServiceSettings:
     grace: float  # seconds
     admitted: int  # requests in progress per worker (429 past it); uploads still arriving do not count
     show_paths: bool  # /info shows server paths (EXTENDSERVE_INFO_PATHS=1)
+    engine: str = "auto"  # EXTENDSERVE_ENGINE: auto (measured, see engines) | onnxruntime | openvino
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
         device = env.get("EXTENDSERVE_DEVICE", "auto")
         if device not in DEVICES:
             raise ExtendserveError(f"EXTENDSERVE_DEVICE={device!r} is not valid; give one of {', '.join(DEVICES)}")
+        engine = env.get("EXTENDSERVE_ENGINE", "auto")
+        if engine not in ENGINES:
+            raise ExtendserveError(f"EXTENDSERVE_ENGINE={engine!r} is not valid; give one of {', '.join(ENGINES)}")
         n = cores()
         workers = _number(env, "EXTENDSERVE_WORKERS", min(n, 4), int, 1, 64)
         max_batch = _number(env, "EXTENDSERVE_MAX_BATCH", 32, int, 1, 1024)
@@ -65,5 +70,5 @@ class ServiceSettings:
             min_rate=_number(env, "EXTENDSERVE_MIN_UPLOAD_KBPS", 16, float, 0, 1e6) * 1024,
             grace=_number(env, "EXTENDSERVE_UPLOAD_GRACE_S", 5, float, 0.1, 600),
             admitted=_number(env, "EXTENDSERVE_MAX_CONCURRENCY", 128, int, 1, 100_000),
-            show_paths=env.get("EXTENDSERVE_INFO_PATHS", "0") == "1",
+            show_paths=env.get("EXTENDSERVE_INFO_PATHS", "0") == "1", engine=engine,
         )

@@ -1,0 +1,159 @@
+"""Which engine runs a built model on the CPU: onnxruntime, or OpenVINO where it is installed,
+measures faster for this model on this CPU, and gives the same top-1 decisions. No torch here.
+
+Chosen when a model is loaded (``EXTENDSERVE_ENGINE=auto``, the service's default): both run the
+same ``model.onnx`` on a fixed set of inputs, any top-1 that differs keeps onnxruntime, then each is
+timed at batch 8, alternately, and the faster one serves. The measurement is kept in the cache per
+model and CPU, so a restart re-checks the decisions (cheap) but not the speed. OpenVINO runs in
+f32 (``INFERENCE_PRECISION_HINT``): its default on CPUs with AMX is bf16, which flipped 5 of 293
+real photos' top-1 when measured. ``EXTENDSERVE_ENGINE=onnxruntime|openvino`` forces one. The GPU
+path is onnxruntime-gpu alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .config import cache_root
+from .errors import ExtendserveError
+
+ENGINES = ("auto", "onnxruntime", "openvino")
+CHECK_BATCH = 8
+
+
+class Engine(Protocol):
+    name: str
+
+    def run(self, outputs: list[str], pixels: np.ndarray) -> list[np.ndarray]: ...
+
+
+class OrtEngine:
+    name = "onnxruntime"
+
+    def __init__(self, session: Any, input_name: str):
+        self.session, self.input_name = session, input_name
+
+    def run(self, outputs: list[str], pixels: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(outputs, {self.input_name: pixels}))
+
+
+class OpenVinoEngine:
+    name = "openvino"
+
+    def __init__(self, model_path: Path, threads: int | None = None):
+        import openvino as ov  # optional: only where it is installed
+
+        core = ov.Core()
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        self.names = [o.get_any_name() for o in self.compiled.outputs]
+        self._local = threading.local()  # an infer request per thread: they are not shared safely
+
+    def run(self, outputs: list[str], pixels: np.ndarray) -> list[np.ndarray]:
+        req = getattr(self._local, "request", None)
+        if req is None:
+            req = self._local.request = self.compiled.create_infer_request()
+        req.infer({0: np.ascontiguousarray(pixels)})
+        return [np.array(req.get_output_tensor(self.names.index(o)).data) for o in outputs]
+
+
+def check_inputs(size: int, n: int = 24, seed: int = 0) -> np.ndarray:
+    """Smooth synthetic scenes and noise: inputs on which two engines' top-1 must agree."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    scenes = []
+    for i in range(n - 4):
+        f, p = rng.uniform(1, 9, 3), rng.uniform(0, 6.3, 3)
+        scenes.append(np.stack([np.sin(f[c] * xx + f[(c + 1) % 3] * yy + p[c]) * 110 + 128 for c in range(3)], -1))
+    noise = rng.integers(0, 256, (4, size, size, 3))
+    return np.concatenate([np.stack(scenes), noise]).clip(0, 255).astype(np.uint8)
+
+
+def _rate(engine: Engine, x: np.ndarray, seconds: float = 0.6) -> float:
+    engine.run(["logits"], x)
+    calls, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        engine.run(["logits"], x)
+        calls += 1
+    return calls * len(x) / (time.perf_counter() - t0)
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def choose(ort_engine: OrtEngine, model_path: Path, sha256: str, size: int, wanted: str = "auto",
+           threads: int | None = None) -> tuple[Engine, dict[str, Any]]:
+    """The CPU engine for this model, and what was checked and measured to pick it."""
+    if wanted not in ENGINES:
+        raise ExtendserveError(f"EXTENDSERVE_ENGINE={wanted!r} is not valid; give one of {', '.join(ENGINES)}")
+    if wanted == "onnxruntime":
+        return ort_engine, {"engine": "onnxruntime", "why": "EXTENDSERVE_ENGINE=onnxruntime"}
+    try:
+        ov_engine = OpenVinoEngine(model_path, threads)
+    except ImportError:
+        if wanted == "openvino":
+            raise ExtendserveError("EXTENDSERVE_ENGINE=openvino but OpenVINO is not installed: pip install openvino, "
+                                   "or set EXTENDSERVE_ENGINE=auto") from None
+        return ort_engine, {"engine": "onnxruntime", "why": "OpenVINO is not installed"}
+    except Exception as e:  # OpenVINO's own errors: an op it lacks, say
+        if wanted == "openvino":
+            raise ExtendserveError(f"OpenVINO cannot run this model ({str(e)[:200]}); set EXTENDSERVE_ENGINE=auto") from None
+        return ort_engine, {"engine": "onnxruntime", "why": f"OpenVINO cannot run this model ({str(e)[:120]})"}
+    x = check_inputs(size)
+    want = np.concatenate([ort_engine.run(["logits"], x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)])
+    got = np.concatenate([ov_engine.run(["logits"], x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)])
+    differ = int((want.argmax(1) != got.argmax(1)).sum())
+    report: dict[str, Any] = {"checked_inputs": int(len(x)), "top1_differ": differ,
+                              "max_abs_diff": float(np.abs(want - got).max())}
+    if differ:
+        if wanted == "openvino":
+            raise ExtendserveError(f"OpenVINO changes {differ} of {len(x)} top-1 decisions of this model; "
+                                   "set EXTENDSERVE_ENGINE=auto or onnxruntime")
+        return ort_engine, report | {"engine": "onnxruntime", "why": "OpenVINO's top-1 differed"}
+    if wanted == "openvino":
+        return ov_engine, report | {"engine": "openvino", "why": "EXTENDSERVE_ENGINE=openvino"}
+    rates = _measured(ort_engine, ov_engine, x[:CHECK_BATCH], sha256, threads)
+    faster = ov_engine if rates["openvino"] > rates["onnxruntime"] else ort_engine
+    return faster, report | {"engine": faster.name, "photos_per_s": rates,
+                             "why": f"faster here at batch {CHECK_BATCH} (measured once per model and CPU)"}
+
+
+def _measured(ort_engine: OrtEngine, ov_engine: OpenVinoEngine, x: np.ndarray, sha256: str,
+              threads: int | None) -> dict[str, float]:
+    """photos/s of each engine, alternating, best of two; kept in the cache per model, CPU and threads."""
+    key = hashlib.sha256(f"{sha256}|{_cpu()}|{os.cpu_count()}|{threads}".encode()).hexdigest()[:24]
+    path = cache_root() / "engines" / f"{key}.json"
+    try:
+        got = json.loads(path.read_text())
+        return {"onnxruntime": float(got["onnxruntime"]), "openvino": float(got["openvino"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    rates = {"onnxruntime": 0.0, "openvino": 0.0}
+    for _ in range(2):
+        for e in (ort_engine, ov_engine):
+            rates[e.name] = max(rates[e.name], _rate(e, x))
+    try:
+        from .files import write_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(rates).encode())
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return rates
