@@ -25,6 +25,9 @@ needs_shared = pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir() or not CELEBS.is_
 def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("EXTENDSERVE_CACHE", str(tmp_path_factory.mktemp("cache")))
     os.environ["BENTOML_HOME"] = str(tmp_path_factory.mktemp("bentoml-home"))  # a real store, the tests' own
+    # Services started by the tests use onnxruntime (choosing an engine compiles the model in OpenVINO
+    # too, seconds per start); the engine choice is tested where it is asked for (test_scale, /info).
+    os.environ.setdefault("EXTENDSERVE_ENGINE", "onnxruntime")
 
 
 def run_cli(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -118,7 +118,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(built_model):
     # One worker, so that a request can be sent to the worker a batch is keeping busy.
-    s = Server(built_model, EXTENDSERVE_WORKERS="1", EXTENDSERVE_MAX_BATCH_PHOTOS="300")
+    s = Server(built_model, EXTENDSERVE_WORKERS="1", EXTENDSERVE_MAX_BATCH_PHOTOS="300", EXTENDSERVE_ENGINE="auto")
     yield s
     s.stop()
 
@@ -199,6 +199,10 @@ def test_info_and_bentoml_endpoints(server):
     assert info["device"] in ("cpu", "cuda") and "CPUExecutionProvider" in info["providers"]
     assert info["verification"]["passed"] and info["preprocess"]["crop"] == 224
     assert {"onnxruntime", "bentoml", "extendserve"} <= set(info["versions"])
+    engine = info["engine"]  # this server chooses (EXTENDSERVE_ENGINE=auto), the faster with the same decisions
+    assert engine["engine"] in ("onnxruntime", "openvino") and engine.get("top1_differ", 0) == 0
+    if "photos_per_s" in engine:
+        assert engine["engine"] == max(engine["photos_per_s"], key=engine["photos_per_s"].get)
     # No server paths (training folders, head files, the store, the pinned copy) to any client.
     assert '"/' not in raw.decode() and info["model_dir"] is None and info["pinned_copy"] is None
     for path in ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json"):

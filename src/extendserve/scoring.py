@@ -154,8 +154,11 @@ class CalibratedScorer(nn.Module):
         unit = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
         d = self.distances(unit)
         r = self.ranker(unit)
-        lse = torch.logsumexp(old_logits, dim=1, keepdim=True)
-        conf = old_logits.amax(dim=1, keepdim=True) - lse
+        top = old_logits.amax(dim=1, keepdim=True)
+        # written out rather than torch.logsumexp: OpenVINO 2026.4 reads the exported
+        # ReduceLogSumExp with the wrong shape ([1, 1] for a batch), which moved new logits by 2.3
+        lse = top + (old_logits - top).exp().sum(dim=1, keepdim=True).log()
+        conf = top - lse
         c = self.coef
         h = -c[0] * d + c[1] * (r - r.amax(dim=1, keepdim=True)) + c[3] * conf + self.offset
         if self.world:
