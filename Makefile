@@ -15,10 +15,18 @@ $(BIN)/python:
 # CUDA build of the same version first (pip install torch==2.13.0 --index-url <CUDA index>).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[demo]'
 	touch $@
 
+# What the tests need on top (pytest, hypothesis, playwright, the independent EfficientNet, ruff):
+# only `make test` installs it, so `make serve` does not.
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@ $(VENV)/.installed
+
 install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 # The demo model, in BentoML's model store as extendserve-default (and as files in $(MODEL_DIR)),
 # built when the store does not hold it yet.
@@ -34,7 +42,7 @@ browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: the browser test will skip"
 
-test: install
+test: install-test
 	$(BIN)/python -m pytest -q
 
 # Speed: each script prints its table and rewrites its section of docs/benchmarks.md.
@@ -61,4 +69,4 @@ bench-world: install
 bench-unfreeze: install
 	$(BIN)/python bench/unfreeze_bench.py
 
-.PHONY: install model serve test bench burst bench-calibration bench-unfreeze bench-world browser
+.PHONY: install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser

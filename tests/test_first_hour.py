@@ -27,6 +27,18 @@ def test_one_or_two_photos_a_class_train_build_and_verify(tmp_path, per_class):
     assert v["base_identical"]
 
 
+def test_a_phone_sized_jpeg_is_trained_on_and_one_class_is_warned_about(tmp_path):
+    from test_preprocess import phone_jpeg
+
+    root = tmp_path / "photos"
+    (root / "discs").mkdir(parents=True)
+    (root / "discs" / "phone.jpg").write_bytes(phone_jpeg())  # 9000x9000: decoded at 1/8, not skipped
+    synthetic_photo(0, 3).save(root / "discs" / "small.jpg")
+    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"))
+    assert "skipped" not in r.stderr and "discs" in r.stdout and "2  discs" in r.stdout, r.stderr
+    assert "WARNING: one class" in r.stderr and "--negatives" in r.stderr
+
+
 def test_photos_beside_the_class_folders_are_reported(tmp_path):
     root = tmp_path / "photos"
     for kind, name in enumerate(["discs", "stripes"]):
@@ -81,6 +93,10 @@ def test_help_version_defaults_and_choices():
         assert words in " ".join(help_text.split()), words
     assert "(default: 5)" in " ".join(run_cli("predict", "--help").stdout.split())
     assert "new heads sit beside it" in run_cli("backbones").stdout
+    flat = " ".join(help_text.split())
+    assert "(default: efficientnet_lite0)" in flat  # --backbone shows its default
+    assert flat.count("default 0") == 0 and "(0: all frozen) (default: 0)" in flat  # said once
+    assert "(default: None)" not in flat and "(default: None)" not in run_cli("build", "--help").stdout
 
 
 def test_cli_backbone_choices_come_from_the_registry_without_torch():
@@ -104,3 +120,10 @@ def test_make_serve_listens_on_this_machine_only():
     out = subprocess.run(["make", "-n", "serve", "HOST=0.0.0.0"], cwd=ROOT, capture_output=True, text=True,
                          check=True).stdout
     assert "bentoml serve --host 0.0.0.0 " in out
+
+
+def test_make_serve_does_not_install_the_test_tools():
+    serve = subprocess.run(["make", "-n", "-B", "serve"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    test = subprocess.run(["make", "-n", "-B", "test"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "-e '.[demo]'" in serve and ".[test]" not in serve
+    assert ".[test]" in test and "pytest" in test

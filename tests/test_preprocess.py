@@ -51,6 +51,32 @@ def test_decompression_bomb_refused_from_header():
         prepare(bomb_png(), CFG)  # a few hundred bytes that claim 900 megapixels
 
 
+def phone_jpeg(side: int = 9000) -> bytes:
+    """A 9000x9000 JPEG (81 MP, 1.3 MB): over the pixel limit at full size, not at 1/8 scale."""
+    from PIL import ImageDraw
+
+    im = Image.new("RGB", (side, side), (200, 60, 40))
+    ImageDraw.Draw(im).ellipse((side // 4, side // 4, 3 * side // 4, 3 * side // 4), fill=(30, 150, 60))
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=30)
+    return buf.getvalue()
+
+
+def test_a_phone_sized_jpeg_is_decoded_at_reduced_scale_and_a_png_that_size_is_refused():
+    from extendserve.preprocess import MAX_PIXELS, decode
+
+    big = phone_jpeg()
+    assert 9000 * 9000 > MAX_PIXELS
+    im = decode(big, "phone.jpg", CFG.resize)
+    assert CFG.resize <= min(im.size) <= 9000 // 8  # libjpeg decoded it at 1/8 (then reduced by a whole factor)
+    x = prepare(big, CFG)
+    assert x.shape == (224, 224, 3) and x[112, 112, 1] > x[112, 112, 0]  # the green disc in the middle
+    with pytest.raises(BadImageError, match="cannot be decoded at reduced scale; resize it or save it as JPEG"):
+        prepare(bomb_png(9000, 9000), CFG)  # the same size as a PNG: nothing to reduce on decode
+    with pytest.raises(BadImageError, match="over the limit"):
+        decode(big, "phone.jpg")  # without a target size there is no reduced scale to decode at
+
+
 def test_large_jpeg_takes_the_draft_path_and_matches_full_decode():
     from extendserve.preprocess import decode, resize_crop
 

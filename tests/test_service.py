@@ -209,6 +209,13 @@ def test_info_and_bentoml_endpoints(server):
         assert server.get(path)[0] == 200
 
 
+def test_a_phone_sized_jpeg_is_classified(server):
+    from test_preprocess import phone_jpeg
+
+    status, body = server.post("/classify", [("image", phone_jpeg(), "phone.jpg")])  # 9000x9000, 1.3 MB
+    assert status == 200 and len(body["predictions"]) == 5, body
+
+
 def test_concurrent_requests_are_batched(server):
     """48 concurrent photos on the one worker: every answer right, and fewer model calls than photos."""
     before = json.loads(server.get("/info")[1])["batching"]

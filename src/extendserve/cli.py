@@ -62,7 +62,8 @@ def _train_head_options(t: argparse.ArgumentParser) -> None:
 
     t.add_argument("data", help="folder with one sub-folder of photos per class")
     t.add_argument("-o", "--output", required=True, help="head file to write (.pt)")
-    t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names())
+    t.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names(),
+                   help="the built-in base (extendserve backbones lists them)")
     t.add_argument("--name", help="head name shown with predictions (default: the file's stem)")
     t.add_argument("--method", default=None, choices=["calibrated", "gated", "joint", "naive"],
                    help="calibrated: one probability model with the base's classes, judged against the base's "
@@ -90,7 +91,7 @@ def _train_head_options(t: argparse.ArgumentParser) -> None:
                    help="gated: logits per unit of gate margin past the threshold (score sharpness)")
     t.add_argument("--unfreeze-top", type=int, default=0, metavar="K",
                    help="fine-tune a private copy of the backbone's last K blocks (and head conv) with the new "
-                        "classes; the original blocks keep serving ImageNet unchanged (default 0: all frozen)")
+                        "classes; the original blocks keep serving ImageNet unchanged (0: all frozen)")
     t.add_argument("--freeze", action="append", metavar="PATTERN",
                    help="with --unfreeze-top: keep parameters matching this shell-style pattern at their "
                         "pretrained values (repeatable), e.g. '*_bn*' or '_blocks.15._depthwise_conv.*'")
@@ -116,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--classes", action="append", help="class list for a head trained elsewhere, one per --new-head")
     b.add_argument("-o", "--output", help="model folder to write (required; with --from, default the manifest's "
                                            "own folder). Rebuilding into a model folder replaces it, saying what it replaced")
-    b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names())
+    b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names(),
+                   help="the built-in base the heads were trained on (extendserve backbones lists them)")
     b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
     store_options(b)
     b.add_argument("--from", dest="from_manifest", metavar="MANIFEST",

@@ -65,6 +65,10 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         a.method = "gated" if a.unfreeze_top else "calibrated"
     t0 = time.time()
     ds = scan_folder(a.data)
+    if len(ds.classes) == 1:
+        err(f"WARNING: one class ({ds.classes[0]!r}): the head has no other new class to tell it from, so it is "
+            "judged against the base's own classes only; if photos of similar things should not be named "
+            f"{ds.classes[0]!r}, add a folder for them or give them with --negatives DIR")
     from .names import check_class_names
 
     where = f"{a.data} (class folder names)"

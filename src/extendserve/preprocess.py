@@ -41,19 +41,23 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
         raise BadImageError(f"{source}: empty file; send the photo's bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's bomb warning counts the pixels in the header; a JPEG is decoded at reduced
+            # scale below, so the limit applies to what is really decoded, checked next.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
-            w, h = im.size
-            if w * h > MAX_PIXELS:
-                raise BadImageError(
-                    f"{source}: {w}x{h} pixels is over the limit of {MAX_PIXELS}; "
-                    "resize the photo before sending it"
-                )
+        w, h = im.size
+        if min_side and im.format == "JPEG" and min(w, h) >= 2 * min_side:
+            k = min_side / min(w, h)
+            im.draft("RGB", (max(min_side, math.ceil(w * k)), max(min_side, math.ceil(h * k))))
+        if im.size[0] * im.size[1] > MAX_PIXELS:  # a phone's 9000x9000 JPEG decodes at 1/8: 1125x1125
+            raise BadImageError(
+                f"{source}: {w}x{h} pixels is over the limit of {MAX_PIXELS} (EXTENDSERVE_MAX_PIXELS) for a "
+                f"{im.format or 'photo'} that cannot be decoded at reduced scale; resize it or save it as JPEG"
+            )
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
             if getattr(im, "is_animated", False):
                 im.seek(0)
-            if min_side and im.format == "JPEG" and min(w, h) >= 2 * min_side:
-                k = min_side / min(w, h)
-                im.draft("RGB", (max(min_side, math.ceil(w * k)), max(min_side, math.ceil(h * k))))
             im.load()
             # Shrink by a whole factor before any conversion, so no full-size copy is ever made in
             # a wider type (a 7900x7900 16-bit PNG once cost 2.1 GB as float64).
