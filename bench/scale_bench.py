@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED, best_rate, generated, write_section  # noqa: E402
 
-DEFAULT_CASES = "10x100,100x1000,1000x1000,16x3249,1000x5000"
+DEFAULT_CASES = "10x100,100x1000,1000x1000,16x3249,10x5000"
 
 
 def source_photos() -> list[bytes]:

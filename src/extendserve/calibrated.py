@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .base import Base
-from .calibrate import CHUNK, Metric, fit_metric
+from .calibrate import Metric, fit_metric
 from .head import Head
 from .progress import eta, progress
 from .world import Background
@@ -42,7 +42,8 @@ from .world import Background
 EVIDENCE = ("class_distance", "ranker", "world_distance", "base_confidence")
 # L-BFGS keeps HISTORY pairs of parameter-sized vectors: at 1000 classes x 1280 features, torch's
 # default of 100 was 2 GB of the 17 GB train-head peak.
-HISTORY = 20
+HISTORY = 10
+RANKER_CHUNK = 1024  # views a step in the ranker's loss: [chunk, classes] float64 stays a few MB
 
 
 def power(feats: np.ndarray, p: float) -> np.ndarray:
@@ -76,10 +77,10 @@ def fit_ranker(t: np.ndarray, labels: np.ndarray, n: int, c: float, label: str,
         opt.zero_grad()
         reg = 0.5 * (w * w).sum()
         reg.backward()
-        total = float(reg)
-        for i in range(0, len(x), CHUNK):
-            xc = torch.from_numpy(x[i : i + CHUNK].astype(np.float64))
-            part = c * torch.nn.functional.cross_entropy(xc @ w.T + b, y[i : i + CHUNK], reduction="sum")
+        total = float(reg.detach())
+        for i in range(0, len(x), RANKER_CHUNK):
+            xc = torch.from_numpy(x[i : i + RANKER_CHUNK].astype(np.float64))
+            part = c * torch.nn.functional.cross_entropy(xc @ w.T + b, y[i : i + RANKER_CHUNK], reduction="sum")
             part.backward()
             total += float(part)
         return torch.tensor(total, dtype=torch.float64)

@@ -88,6 +88,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         err(f"skipped {p}: {why}")
     labels = np.array([ds.labels[i] for i in ok], dtype=np.int64)
     neg, world = _negatives_and_world(a, base, fx)
+    del fx  # its onnxruntime session and arena are not needed for the fit
     settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
                              holdout=a.holdout,
                              augment=not a.no_augment, gate=a.gate, gate_quantile=a.gate_quantile,
