@@ -82,7 +82,7 @@ def fit_ranker(t: np.ndarray, labels: np.ndarray, n: int, c: float, label: str,
             xc = torch.from_numpy(x[i : i + RANKER_CHUNK].astype(np.float64))
             part = c * torch.nn.functional.cross_entropy(xc @ w.T + b, y[i : i + RANKER_CHUNK], reduction="sum")
             part.backward()
-            total += float(part)
+            total += float(part.detach())
         return torch.tensor(total, dtype=torch.float64)
 
     opt.step(closure)
