@@ -25,15 +25,7 @@ SAMPLE = SHARED / "imagenet-sample"
 DOC = ROOT / "docs" / "benchmarks.md"
 sys.path.insert(0, str(ROOT / "src"))
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from extendserve.engines import cpu_model  # noqa: E402
 
 
 def gpu_model() -> str | None:

@@ -88,7 +88,8 @@ def _rate(engine: Engine, x: np.ndarray, seconds: float = 0.6) -> float:
     return calls * len(x) / (time.perf_counter() - t0)
 
 
-def _cpu() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (engines are measured per CPU; benchmarks name the machine)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -138,7 +139,7 @@ def choose(ort_engine: OrtEngine, model_path: Path, sha256: str, size: int, want
 def _measured(ort_engine: OrtEngine, ov_engine: OpenVinoEngine, x: np.ndarray, sha256: str,
               threads: int | None) -> dict[str, float]:
     """photos/s of each engine, alternating, best of two; kept in the cache per model, CPU and threads."""
-    key = hashlib.sha256(f"{sha256}|{_cpu()}|{os.cpu_count()}|{threads}".encode()).hexdigest()[:24]
+    key = hashlib.sha256(f"{sha256}|{cpu_model()}|{os.cpu_count()}|{threads}".encode()).hexdigest()[:24]
     path = cache_root() / "engines" / f"{key}.json"
     try:
         got = json.loads(path.read_text())
