@@ -98,7 +98,15 @@ class HttpEdge:
         if body is None:
             return await self._too_large(send, limit + 1, limit)
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-        raw = path == "/classify" and (ctype.startswith(b"image/") or ctype == b"application/octet-stream")
+        # A photo as the body: image/*, octet-stream, or no Content-Type at all (not pydantic's
+        # "1 validation error for Input")
+        raw = path == "/classify" and (ctype.startswith(b"image/") or ctype in (b"application/octet-stream", b""))
+        if path in FORM_FIELDS and not raw and ctype != b"multipart/form-data":
+            field = "image" if path == "/classify" else "images"
+            also = " or the photo as the body (Content-Type: image/jpeg)" if path == "/classify" else ""
+            return await error(400, f"{path}: Content-Type {ctype.decode('latin-1') or 'none'} is not a photo upload; "
+                                    f"send multipart/form-data with the field '{field}' (curl -F {field}=@photo.jpg)"
+                                    f"{also}")(scope, receive, send)
         if ctype == b"multipart/form-data" and path in FORM_FIELDS:
             problem = form_problem(body, headers.get(b"content-type", b""), path)
             if problem:

@@ -524,6 +524,30 @@ def test_raw_image_body(server):
     assert status == 400 and "top_k" in body["error"]
 
 
+def test_body_without_content_type_or_with_a_wrong_one(server):
+    """curl --data-binary @photo.jpg without -H: no pydantic validation text, a photo or the fix."""
+    import http.client
+
+    def post(path: str, body: bytes, ctype: str | None) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn.putrequest("POST", path)
+        conn.putheader("Content-Length", str(len(body)))
+        if ctype:
+            conn.putheader("Content-Type", ctype)
+        conn.endheaders(body)
+        r = conn.getresponse()
+        out = r.status, json.loads(r.read())
+        conn.close()
+        return out
+
+    status, body = post("/classify", disc(), None)  # no Content-Type: the body is the photo
+    assert status == 200 and body["predictions"][0]["label"] == "red discs", body
+    status, body = post("/classify", disc(), "application/x-www-form-urlencoded")  # curl --data-binary's default
+    assert status == 400 and "curl -F image=@photo.jpg" in body["error"] and "validation" not in body["error"]
+    status, body = post("/classify_batch", disc(), None)
+    assert status == 400 and "field 'images'" in body["error"] and "validation" not in body["error"]
+
+
 @pytest.mark.parametrize("path, fields, words", [
     ("/classify", [("file", "PHOTO", "x.jpg")], "unknown field 'file'"),
     ("/classify", [("photo", "PHOTO", "x.jpg")], "field 'image'"),
