@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import cache_root
 from .errors import ExtendserveError
+from .files import write_atomic
 
 ENGINES = ("auto", "onnxruntime", "openvino")
 CHECK_BATCH = 8
@@ -151,8 +152,6 @@ def _measured(ort_engine: OrtEngine, ov_engine: OpenVinoEngine, x: np.ndarray, s
         for e in (ort_engine, ov_engine):
             rates[e.name] = max(rates[e.name], _rate(e, x))
     try:
-        from .files import write_atomic
-
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, json.dumps(rates).encode())
     except OSError:

@@ -68,7 +68,7 @@ def publish(built: BuiltModel, out: OutputDir, store_name: str | None = None) ->
         return None
     from .store import save_to_store
 
-    return save_to_store(out.final, store_name)
+    return save_to_store(out.final, store_name, built.manifest)
 
 
 def write_model_dir(final: Path, files: dict[str, bytes]) -> Path:

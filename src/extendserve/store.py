@@ -66,15 +66,16 @@ def drop_broken_versions(name: str) -> list[str]:
     return dropped
 
 
-def save_to_store(model_dir: str | os.PathLike[str], name: str) -> str:
-    """Save a built, verified model folder as a new version of ``extendserve-NAME``; its tag."""
+def save_to_store(model_dir: str | os.PathLike[str], name: str, manifest: Manifest | None = None) -> str:
+    """Save a built, verified model folder as a new version of ``extendserve-NAME``; its tag.
+    ``manifest``: the folder's, when the caller holds it (publishing), so it is not read back."""
     import bentoml
 
     from . import __version__
 
     drop_broken_versions(store_name(name))
     model_dir = Path(model_dir)
-    manifest = Manifest.read(model_dir / "manifest.json")
+    manifest = manifest or Manifest.read(model_dir / "manifest.json")
     with bentoml.models.create(store_name(name), labels={"producer": "extendserve", "extendserve": __version__},
                                metadata=manifest.summary()) as m:
         for f in ("model.onnx", "manifest.json"):
