@@ -86,3 +86,23 @@ def test_engine_choice_keeps_decisions(built_model):
 def test_bad_engine_is_refused(built_model):
     with pytest.raises(ExtendserveError, match="EXTENDSERVE_ENGINE"):
         Model(built_model, engine="tensorrt")
+
+
+def test_bf16_only_when_asked_and_its_changes_reported(synthetic_head, built_model, tmp_path):
+    """``build --cpu-precision bf16`` reports what bf16 changes on this CPU (or that this CPU runs
+    f32 anyway); only such a model lets OpenVINO serve in bf16, with changed decisions counted."""
+    ov = pytest.importorskip("openvino")
+    from conftest import run_cli
+
+    has_bf16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    r = run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "m"), "--cpu-precision", "bf16",
+                "--no-store")
+    model = Model(tmp_path / "m", engine="openvino")
+    report = model.manifest.verification["bf16"]
+    assert model.manifest.cpu_precision == "bf16"
+    assert report["runs_here"] == ("bf16" if has_bf16 else "f32") == model.engine_report["openvino_precision"]
+    assert report["inputs"] >= 24 and 0 <= report["top1_changed"] <= report["inputs"]
+    assert ("changes" if has_bf16 else "has no bf16 instructions") in r.stdout
+    plain = Model(built_model, engine="openvino")  # built without asking: f32 whatever the CPU
+    assert plain.manifest.cpu_precision == "f32" and plain.engine_report["openvino_precision"] == "f32"
+    assert "bf16" not in plain.manifest.verification

@@ -68,9 +68,23 @@ def heads_entries(base: Base, heads: Sequence[Head]) -> list[HeadEntry]:
     return entries
 
 
+def bf16_report(onnx_bytes: bytes, inputs: np.ndarray) -> dict[str, Any]:
+    """What serving in bf16 would change, measured on this CPU before the user opts in for good."""
+    import tempfile
+    from pathlib import Path
+
+    from .engines import check_inputs, precision_changes
+
+    pixels = np.concatenate([inputs, check_inputs(inputs.shape[1])])
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "model.onnx").write_bytes(onnx_bytes)
+        return precision_changes(Path(tmp) / "model.onnx", pixels, "bf16")
+
+
 def build_model(base: Base, heads: Sequence[Head], real_inputs: Sequence[np.ndarray] = (),
-                settings: dict[str, Any] | None = None) -> BuiltModel:
-    """Wire the heads to the base, merge, verify; a model that fails verification is an error."""
+                settings: dict[str, Any] | None = None, cpu_precision: str = "f32") -> BuiltModel:
+    """Wire the heads to the base, merge, verify; a model that fails verification is an error.
+    ``cpu_precision="bf16"`` lets OpenVINO serve it in bf16; what that changes is measured here."""
     t0 = time.time()
     check_heads(base, heads)
     labels = list(base.labels) + [c for h in heads for c in h.classes]
@@ -80,11 +94,14 @@ def build_model(base: Base, heads: Sequence[Head], real_inputs: Sequence[np.ndar
     model = merged_model(base, heads, wiring, metadata(labels, pre, [e.to_dict() for e in entries], base,
                                                        f"extendserve {__version__}"))
     onnx_bytes = model.SerializeToString()
-    check = verify(onnx_bytes, base, heads, wiring, verification_inputs(base.input_size, real_inputs))
+    inputs = verification_inputs(base.input_size, real_inputs)
+    check = verify(onnx_bytes, base, heads, wiring, inputs)
     if not check["passed"]:
         import json
 
         raise BuildError(f"verification failed, nothing was written: {json.dumps(check)}")
+    if cpu_precision == "bf16":
+        check["bf16"] = bf16_report(onnx_bytes, inputs)
     manifest = Manifest(
         labels=labels, heads=entries, backbone=base.describe() | {"restored_weights": base.restore_report},
         preprocess=base.preprocess, model_sha256=hashlib.sha256(onnx_bytes).hexdigest(), verification=check,
@@ -94,5 +111,6 @@ def build_model(base: Base, heads: Sequence[Head], real_inputs: Sequence[np.ndar
         opset=base.opset, settings=settings or {},
         built={"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
                "extendserve": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        cpu_precision=cpu_precision,
     )
     return BuiltModel(onnx_bytes, manifest)

@@ -120,6 +120,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names(),
                    help="the built-in base the heads were trained on (extendserve backbones lists them)")
     b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
+    b.add_argument("--cpu-precision", choices=("f32", "bf16"), default="f32",
+                   help="bf16 lets OpenVINO serve the model in bf16 on CPUs that have it (AMX, AVX512_BF16): "
+                        "faster there, but it changes some decisions; build reports how many")
     store_options(b)
     b.add_argument("--from", dest="from_manifest", metavar="MANIFEST",
                    help="rebuild with every setting recorded in a model's manifest.json (other options ignored)")

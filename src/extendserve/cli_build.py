@@ -32,7 +32,8 @@ def cmd_build(a: argparse.Namespace) -> int:
     heads = _load_heads(a, base, classes, recorded)
     built = build_model(base, heads, real_inputs=demo_pixels(base.preprocess),
                         settings={"backbone": a.backbone, "new_head": [absolute(p) for p in a.new_head or []],
-                                  "classes": [absolute(p) for p in classes], "force": a.force, **weights_settings(a)})
+                                  "classes": [absolute(p) for p in classes], "force": a.force, **weights_settings(a)},
+                        cpu_precision=a.cpu_precision)
     tag = publish(built, out, name)
     manifest = built.manifest
     k = manifest.base_count
@@ -83,6 +84,16 @@ def _print_verification(manifest: Manifest) -> None:
         print(f"head {h.name}: names {h.background_taken:.1%} of the base's background photos as its classes "
               + (f"(in sample; held-out estimate at train-head: {held:.1%})" if held is not None else "(in sample)"))
         warn_if_takes_world(max(h.background_taken, held or 0.0), "the")
+    if "bf16" in v:
+        b = v["bf16"]
+        if b["runs_here"] != "bf16":
+            print(f"bf16: this CPU ({b['cpu']}) has no bf16 instructions, so OpenVINO runs this model in f32 here and "
+                  "what bf16 changes could not be measured; a CPU with AMX or AVX512_BF16 will serve it in bf16 "
+                  "(build there to see the decisions it changes)")
+        else:
+            print(f"bf16: OpenVINO in bf16 changes {b['top1_changed']} of {b['inputs']} top-1 decisions against f32 "
+                  f"on the verification inputs (max |logit diff| {b['max_abs_diff']:.2g}); served in bf16 where "
+                  "faster (build without --cpu-precision to keep f32)")
 
 
 def settings_from_manifest(a: argparse.Namespace) -> Manifest:
@@ -96,6 +107,7 @@ def settings_from_manifest(a: argparse.Namespace) -> Manifest:
         a.backbone, a.new_head, a.classes, a.force = st["backbone"], st["new_head"], st["classes"], st["force"]
         a.weights, a.restore, a.exclude = st.get("weights"), st.get("restore", "all"), st.get("exclude", [])
         a.base, a.preprocess, a.labels = st.get("base"), st.get("preprocess"), st.get("labels")
+        a.cpu_precision = m.cpu_precision
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ExtendserveError(f"{path}: not a manifest extendserve can rebuild from ({e})") from None
     if st.get("demo"):

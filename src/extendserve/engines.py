@@ -6,8 +6,9 @@ same ``model.onnx`` on a fixed set of inputs, any top-1 that differs keeps onnxr
 timed at batch 8, alternately, and the faster one serves. The measurement is kept in the cache per
 model and CPU, so a restart re-checks the decisions (cheap) but not the speed. OpenVINO runs in
 f32 (``INFERENCE_PRECISION_HINT``): its default on CPUs with AMX is bf16, which flipped 5 of 293
-real photos' top-1 when measured. ``EXTENDSERVE_ENGINE=onnxruntime|openvino`` forces one. The GPU
-path is onnxruntime-gpu alone.
+real photos' top-1 when measured. bf16 only where the model was built with ``--cpu-precision bf16``
+(build reports the decisions it changes; a CPU without bf16 runs f32 anyway, and says so).
+``EXTENDSERVE_ENGINE=onnxruntime|openvino`` forces one. The GPU path is onnxruntime-gpu alone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .errors import ExtendserveError
 from .files import write_atomic
 
 ENGINES = ("auto", "onnxruntime", "openvino")
+PRECISIONS = ("f32", "bf16")
 CHECK_BATCH = 8
 
 
@@ -49,14 +51,16 @@ class OrtEngine:
 class OpenVinoEngine:
     name = "openvino"
 
-    def __init__(self, model_path: Path, threads: int | None = None):
+    def __init__(self, model_path: Path, threads: int | None = None, precision: str = "f32"):
         import openvino as ov  # optional: only where it is installed
 
         core = ov.Core()
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        # what it runs in, not what was asked: a CPU without bf16 instructions keeps f32
+        self.precision = "bf16" if "bf16" in str(self.compiled.get_property("INFERENCE_PRECISION_HINT")) else "f32"
         self.names = [o.get_any_name() for o in self.compiled.outputs]
         self._local = threading.local()  # an infer request per thread: they are not shared safely
 
@@ -100,15 +104,40 @@ def cpu_model() -> str:
     return "cpu"
 
 
+def _logits(engine: Engine, x: np.ndarray) -> np.ndarray:
+    return np.concatenate([engine.run(["logits"], x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)])
+
+
+def precision_changes(model_path: Path, pixels: np.ndarray, precision: str = "bf16") -> dict[str, Any]:
+    """What OpenVINO at ``precision`` changes against onnxruntime's f32 on these inputs: for
+    ``build --cpu-precision bf16`` to report before anyone serves it."""
+    import onnxruntime as ort
+
+    try:
+        ov_engine = OpenVinoEngine(model_path, precision=precision)
+    except ImportError:
+        raise ExtendserveError(f"--cpu-precision {precision} runs on OpenVINO, which is not installed: "
+                               "pip install openvino, or build without --cpu-precision") from None
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    want = _logits(OrtEngine(session, session.get_inputs()[0].name), pixels)
+    got = _logits(ov_engine, pixels)
+    changed = int((want.argmax(1) != got.argmax(1)).sum())
+    return {"asked": precision, "runs_here": ov_engine.precision, "inputs": int(len(pixels)),
+            "top1_changed": changed, "max_abs_diff": float(np.abs(want - got).max()),
+            "cpu": cpu_model()}
+
+
 def choose(ort_engine: OrtEngine, model_path: Path, sha256: str, size: int, wanted: str = "auto",
-           threads: int | None = None) -> tuple[Engine, dict[str, Any]]:
-    """The CPU engine for this model, and what was checked and measured to pick it."""
+           threads: int | None = None, precision: str = "f32") -> tuple[Engine, dict[str, Any]]:
+    """The CPU engine for this model, and what was checked and measured to pick it. With
+    ``precision="bf16"`` (the model's builder asked for it) OpenVINO may change decisions: they are
+    counted and shown, not refused; the faster engine still serves."""
     if wanted not in ENGINES:
         raise ExtendserveError(f"EXTENDSERVE_ENGINE={wanted!r} is not valid; give one of {', '.join(ENGINES)}")
     if wanted == "onnxruntime":
         return ort_engine, {"engine": "onnxruntime", "why": "EXTENDSERVE_ENGINE=onnxruntime"}
     try:
-        ov_engine = OpenVinoEngine(model_path, threads)
+        ov_engine = OpenVinoEngine(model_path, threads, precision)
     except ImportError:
         if wanted == "openvino":
             raise ExtendserveError("EXTENDSERVE_ENGINE=openvino but OpenVINO is not installed: pip install openvino, "
@@ -119,19 +148,18 @@ def choose(ort_engine: OrtEngine, model_path: Path, sha256: str, size: int, want
             raise ExtendserveError(f"OpenVINO cannot run this model ({str(e)[:200]}); set EXTENDSERVE_ENGINE=auto") from None
         return ort_engine, {"engine": "onnxruntime", "why": f"OpenVINO cannot run this model ({str(e)[:120]})"}
     x = check_inputs(size)
-    want = np.concatenate([ort_engine.run(["logits"], x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)])
-    got = np.concatenate([ov_engine.run(["logits"], x[i : i + CHECK_BATCH])[0] for i in range(0, len(x), CHECK_BATCH)])
+    want, got = _logits(ort_engine, x), _logits(ov_engine, x)
     differ = int((want.argmax(1) != got.argmax(1)).sum())
     report: dict[str, Any] = {"checked_inputs": int(len(x)), "top1_differ": differ,
-                              "max_abs_diff": float(np.abs(want - got).max())}
-    if differ:
+                              "max_abs_diff": float(np.abs(want - got).max()), "openvino_precision": ov_engine.precision}
+    if differ and ov_engine.precision == "f32":
         if wanted == "openvino":
             raise ExtendserveError(f"OpenVINO changes {differ} of {len(x)} top-1 decisions of this model; "
                                    "set EXTENDSERVE_ENGINE=auto or onnxruntime")
         return ort_engine, report | {"engine": "onnxruntime", "why": "OpenVINO's top-1 differed"}
     if wanted == "openvino":
         return ov_engine, report | {"engine": "openvino", "why": "EXTENDSERVE_ENGINE=openvino"}
-    rates = _measured(ort_engine, ov_engine, x[:CHECK_BATCH], sha256, threads)
+    rates = _measured(ort_engine, ov_engine, x[:CHECK_BATCH], f"{sha256}|{ov_engine.precision}", threads)
     faster = ov_engine if rates["openvino"] > rates["onnxruntime"] else ort_engine
     return faster, report | {"engine": faster.name, "photos_per_s": rates,
                              "why": f"faster here at batch {CHECK_BATCH} (measured once per model and CPU)"}

@@ -65,6 +65,7 @@ class Manifest:
     opset: int | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     built: dict[str, Any] = field(default_factory=dict)
+    cpu_precision: str = "f32"  # "bf16": OpenVINO may serve in bf16 (asked for at build, changes reported there)
 
     @property
     def base_count(self) -> int:
@@ -95,7 +96,8 @@ class Manifest:
         return {"format": FORMAT, "version": 1, "labels": self.labels, "heads": [h.to_dict() for h in self.heads],
                 "backbone": self.backbone, "preprocess": self.preprocess.to_dict(), "input": self.input,
                 "output": self.output, "opset": self.opset, "verification": self.verification,
-                "model_sha256": self.model_sha256, "settings": self.settings, "built": self.built}
+                "model_sha256": self.model_sha256, "settings": self.settings, "built": self.built,
+                "cpu_precision": self.cpu_precision}
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2).encode()
@@ -108,7 +110,8 @@ class Manifest:
                     backbone=dict(d.get("backbone") or {}), preprocess=PreprocessConfig.from_dict(d["preprocess"]),
                     model_sha256=str(d["model_sha256"]), verification=dict(d.get("verification") or {}),
                     input=dict(d.get("input") or {}), output=dict(d.get("output") or {}), opset=d.get("opset"),
-                    settings=dict(d.get("settings") or {}), built=dict(d.get("built") or {}))
+                    settings=dict(d.get("settings") or {}), built=dict(d.get("built") or {}),
+                    cpu_precision=str(d.get("cpu_precision", "f32")))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ExtendserveError(f"{where}: unreadable manifest ({type(e).__name__}: {e}); rebuild the model") from None
         at = 0
@@ -117,6 +120,8 @@ class Manifest:
                 raise ExtendserveError(f"{where}: head {h.name!r} does not start where the previous one ends "
                                        f"(offset {h.offset}, expected {at}); rebuild the model")
             at += h.count
+        if m.cpu_precision not in ("f32", "bf16"):
+            raise ExtendserveError(f"{where}: cpu_precision {m.cpu_precision!r} is not f32 or bf16; rebuild the model")
         if at != len(m.labels) or not m.heads:
             raise ExtendserveError(f"{where}: the heads cover {at} outputs but there are {len(m.labels)} labels; "
                                    "rebuild the model")

@@ -141,7 +141,8 @@ class Model:
         self.engine_report: dict[str, Any] = {"engine": "onnxruntime", "why": "CUDA: onnxruntime-gpu"}
         if self.device == "cpu":
             self.engine, self.engine_report = choose(self.engine, self.dir / "model.onnx", self.manifest.model_sha256,
-                                                     self.preprocess.crop, engine, threads)
+                                                     self.preprocess.crop, engine, threads,
+                                                     self.manifest.cpu_precision)
 
     def warm_up(self, batches: Sequence[int] = (1, 8)) -> None:
         """Run the shapes serving will see once, so the first real request pays no set-up
