@@ -29,8 +29,9 @@ except ImportError:  # inside a bento built from a source checkout
 from extendserve import __version__
 from extendserve.batching import MicroBatcher
 from extendserve.errors import BadImageError, ExtendserveError
+from extendserve.manifest import without_paths
 from extendserve.runtime import Model
-from extendserve.served import give_back_memory, resolve_served_model, without_paths
+from extendserve.served import give_back_memory, resolve_served_model
 from extendserve.settings import ServiceSettings
 
 from .edge import ClientError, HttpEdge, answers_client_errors

@@ -18,7 +18,7 @@ from . import __version__
 from .base import PIXELS, Base
 from .errors import BuildError, ExtendserveError
 from .head import Head
-from .manifest import BASE_HEAD_NAMES, HeadEntry, Manifest
+from .manifest import BASE_HEAD_NAMES, HEADS_DIR, HeadEntry, Manifest, without_paths
 from .merge import OUTPUT, merged_model, metadata, wire
 from .names import check_class_names
 from .scoring import unfrozen
@@ -33,9 +33,10 @@ class BuiltModel:
 
     onnx_bytes: bytes
     manifest: Manifest
+    head_files: dict[str, bytes]  # relative path -> a head file's bytes (heads/NAME.pt)
 
     def files(self) -> dict[str, bytes]:
-        return {"model.onnx": self.onnx_bytes, "manifest.json": self.manifest.to_bytes()}
+        return {"model.onnx": self.onnx_bytes, "manifest.json": self.manifest.to_bytes(), **self.head_files}
 
 
 def check_heads(base: Base, heads: Sequence[Head]) -> None:
@@ -50,16 +51,35 @@ def check_heads(base: Base, heads: Sequence[Head]) -> None:
         raise BuildError(f"head names must be unique and not 'imagenet' or 'base' (got {head_names}); rename a head file")
 
 
+def head_file_names(heads: Sequence[Head]) -> list[str]:
+    """Where each head lives inside the model folder: ``heads/NAME.pt``, the name made safe for a
+    file name (a head's name comes from an untrusted file) and unique."""
+    import re
+
+    names: list[str] = []
+    for i, h in enumerate(heads):
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", h.name).strip("._") or "head"
+        name = f"{HEADS_DIR}/{safe}.pt"
+        names.append(name if name not in names else f"{HEADS_DIR}/{safe}-{i + 1}.pt")
+    return names
+
+
+def _where(source: str | None) -> str | None:
+    """A source as the manifest records it: a file's name, never a path of the machine that built it."""
+    return source.replace("\\", "/").rsplit("/", 1)[-1] if source else source
+
+
 def heads_entries(base: Base, heads: Sequence[Head]) -> list[HeadEntry]:
-    """The manifest's ``heads``: the base's own first, then each head with its columns, where it
-    came from, and what it does to the base's world (the share of its background it takes)."""
+    """The manifest's ``heads``: the base's own first, then each head with its columns, its file
+    inside the model, where it came from, and what it does to the base's world (the share of its
+    background it takes)."""
     base_head = "imagenet" if base.backbone is not None else "base"  # the built-ins are ImageNet classifiers
-    entries = [HeadEntry(name=base_head, offset=0, count=len(base.labels), source=base.source, digest=base.digest,
-                         method="original")]
+    entries = [HeadEntry(name=base_head, offset=0, count=len(base.labels), source=_where(base.source),
+                         digest=base.digest, method="original")]
     offset, world = len(base.labels), background_for(base)
-    for h in heads:
-        entries.append(HeadEntry(name=h.name, offset=offset, count=len(h.classes), source=h.source,
-                                 digest=h.digest(), method=h.method, classes=list(h.classes), settings=h.settings,
+    for h, file in zip(heads, head_file_names(heads)):
+        entries.append(HeadEntry(name=h.name, offset=offset, count=len(h.classes), source=_where(h.source), file=file,
+                                 digest=h.digest(), method=h.method, classes=list(h.classes), settings=without_paths(h.settings),
                                  background=world.source if world is not None else None,
                                  background_taken=(None if world is None or unfrozen(h)
                                                    else taken_share(base, h, world.features)),
@@ -113,4 +133,4 @@ def build_model(base: Base, heads: Sequence[Head], real_inputs: Sequence[np.ndar
                "extendserve": __version__, "torch": torch.__version__, "python": platform.python_version()},
         cpu_precision=cpu_precision,
     )
-    return BuiltModel(onnx_bytes, manifest)
+    return BuiltModel(onnx_bytes, manifest, {e.file: h.to_bytes() for e, h in zip(entries[1:], heads) if e.file})

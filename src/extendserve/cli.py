@@ -115,29 +115,32 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="merge heads with the backbone, export ONNX and verify it")
     b.add_argument("--new-head", action="append", help="head file (repeatable, in output order)")
     b.add_argument("--classes", action="append", help="class list for a head trained elsewhere, one per --new-head")
-    b.add_argument("-o", "--output", help="model folder to write (required; with --from, default the manifest's "
-                                           "own folder). Rebuilding into a model folder replaces it, saying what it replaced")
+    b.add_argument("-o", "--output", help="model folder to write (required; with --from DIR, default that "
+                                           "folder). Rebuilding into a model folder replaces it, saying what it replaced")
     b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names(),
                    help="the built-in base the heads were trained on (extendserve backbones lists them)")
     b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
-    b.add_argument("--cpu-precision", choices=("f32", "bf16"), default="f32",
+    b.add_argument("--cpu-precision", choices=("f32", "bf16"), default=None,
                    help="bf16 lets OpenVINO serve the model in bf16 on CPUs that have it (AMX, AVX512_BF16): "
-                        "faster there, but it changes some decisions; build reports how many")
+                        "faster there, but it changes some decisions; build reports how many (default f32, or "
+                        "with --from the model's own)")
     store_options(b)
-    b.add_argument("--from", dest="from_manifest", metavar="MANIFEST",
-                   help="rebuild with every setting recorded in a model's manifest.json (other options ignored)")
+    b.add_argument("--from", dest="from_model", metavar="DIR|TAG",
+                   help="rebuild a built model (its folder, manifest.json, or store tag extendserve-NAME:VERSION) "
+                        "with its base settings and every head it carries; --new-head adds heads, --drop-head removes")
+    b.add_argument("--drop-head", action="append", metavar="NAME", help="with --from: leave this head out (repeatable)")
     weight_options(b)
     b.set_defaults(func=cmd_build)
 
     r = sub.add_parser("predict", help="classify photos with a built model (onnxruntime, no torch)")
     r.add_argument("images", nargs="+")
-    r.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder")
+    r.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder, or a store tag (extendserve-NAME:latest)")
     r.add_argument("--top-k", type=int, default=5, help="predictions shown per photo")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("eval", help="new-class accuracy, ImageNet photos stolen, ImageNet top-1")
-    e.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder")
+    e.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder, or a store tag (extendserve-NAME:latest)")
     e.add_argument("--new", help="class-per-folder photos of the new classes")
     e.add_argument("--imagenet", help="photos named <synset>_<name>.JPEG")
     e.add_argument("--json", action="store_true")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli_common import absolute, base_from_args, say_saved, store_name_for, warn_if_takes_world, weights_settings
+from .cli_common import PREFIX, base_from_args, model_folder, say_saved, store_name_for, warn_if_takes_world, weights_settings
 from .errors import ExtendserveError
 from .manifest import Manifest
 
@@ -17,7 +18,9 @@ def cmd_build(a: argparse.Namespace) -> int:
     from .build import build_model
     from .publish import output_dir, publish
 
-    recorded = settings_from_manifest(a) if a.from_manifest else None
+    rebuild = model_to_rebuild(a) if a.from_model else None
+    if a.drop_head and rebuild is None:
+        raise ExtendserveError("--drop-head removes a head from a built model: give that model with --from DIR|TAG")
     if a.output is None:
         raise ExtendserveError("give the model folder to write with -o DIR (for example -o models/celebs); build "
                                "never writes a default folder, so the demo in models/default is not replaced by accident")
@@ -29,12 +32,13 @@ def cmd_build(a: argparse.Namespace) -> int:
         raise ExtendserveError("give one --classes FILE per --new-head, in the same order (or none)")
     t0 = time.time()
     base = base_from_args(a)
-    heads = _load_heads(a, base, classes, recorded)
+    kept = rebuild.heads(base, a.force) if rebuild is not None else []
+    heads = kept + [_load_head(path, classes[i] if classes else None, base, a.force)
+                    for i, path in enumerate(a.new_head or [])]
     built = build_model(base, heads, real_inputs=demo_pixels(base.preprocess),
-                        settings={"backbone": a.backbone, "new_head": [absolute(p) for p in a.new_head or []],
-                                  "classes": [absolute(p) for p in classes], "force": a.force, **weights_settings(a)},
-                        cpu_precision=a.cpu_precision)
-    tag = publish(built, out, name)
+                        settings={"backbone": a.backbone, "force": a.force, **weights_settings(a)},
+                        cpu_precision=a.cpu_precision or (rebuild.manifest.cpu_precision if rebuild else "f32"))
+    saved = publish(built, out, name)
     manifest = built.manifest
     k = manifest.base_count
     print(f"built {a.output}: {len(manifest.labels)} classes "
@@ -42,30 +46,108 @@ def cmd_build(a: argparse.Namespace) -> int:
     _print_verification(manifest)
     if before:
         print(f"replaced {a.output}: {before.describe()} -> {manifest.describe()}")
-    say_saved(tag)
-    if recorded is not None:
-        same = manifest.model_sha256 == recorded.model_sha256
-        print(f"rebuilt from {a.from_manifest}: model.onnx is "
-              + ("byte-identical to the recorded one" if same else "NOT identical to the recorded one"))
-        if not same:
-            return 1
+    say_saved(saved)
+    if rebuild is not None:
+        return rebuild.report(manifest, [h.name for h in kept], a.new_head or [], a.drop_head or [])
     return 0
 
 
-def _load_heads(a: argparse.Namespace, base: Any, classes: list[str], recorded: Manifest | None) -> list[Any]:
-    """The head files, each checked against the base (and with --from, against the recorded digest)."""
+def _load_head(path: str, classes: str | None, base: Any, force: bool) -> Any:
+    """A head file, checked against the base it is built on."""
     from .head import load_head
 
-    heads = []
-    for i, path in enumerate(a.new_head or []):
-        h = load_head(path, classes[i] if classes else None, backbone=base.name)
-        h.check_fits(base.name, base.feature_dim, base.digest, force=a.force)
-        h.check_identity(base.identity())
-        if recorded is not None and h.digest() != recorded.heads[i + 1].digest:
-            raise ExtendserveError(f"{path} changed since {a.from_manifest} was built (its digest differs); "
-                                   "restore that head file, or build afresh with --new-head")
-        heads.append(h)
-    return heads
+    h = load_head(path, classes, backbone=base.name)
+    h.check_fits(base.name, base.feature_dim, base.digest, force=force)
+    h.check_identity(base.identity())
+    return h
+
+
+@dataclass
+class Rebuild:
+    """A built model to rebuild from (``build --from``): its manifest, its folder (its heads live in
+    ``heads/``), and the heads to leave out."""
+
+    given: str
+    folder: Path
+    manifest: Manifest
+    drop: list[str]
+
+    def heads(self, base: Any, force: bool) -> list[Any]:
+        """Its new heads but the dropped ones, read from the model itself (or, for a model built
+        before heads travelled inside it, from the files its settings recorded), each checked
+        against the digest recorded at build time."""
+        from .head import load_head
+
+        recorded = self.manifest.settings
+        kept = []
+        for i, entry in enumerate(self.manifest.new_heads):
+            if entry.name in self.drop:
+                continue
+            if entry.file:
+                path = (self.folder / entry.file).resolve()
+                if self.folder.resolve() not in path.parents:
+                    raise ExtendserveError(f"{self.given}: head file {entry.file!r} lies outside the model folder; "
+                                           "rebuild that model from its head files with --new-head")
+                if not path.is_file():
+                    raise ExtendserveError(f"{self.given}: the model's head file {entry.file} is missing; restore the "
+                                           "model folder, or give the head files again with --new-head")
+                h = load_head(path, backbone=base.name)
+            else:  # built before heads travelled inside models: the files it was built from
+                try:
+                    path, cls = Path(recorded["new_head"][i]), (recorded.get("classes") or [None] * (i + 1))[i]
+                except (KeyError, IndexError, TypeError):
+                    raise ExtendserveError(f"{self.given}: head {entry.name!r} has no file inside the model and none "
+                                           "recorded; give it again with --new-head") from None
+                h = load_head(path, cls, backbone=base.name)
+            if h.digest() != entry.digest:
+                raise ExtendserveError(f"{path} changed since {self.given} was built (its digest differs); restore "
+                                       "that head file, or build afresh with --new-head")
+            h.source, h.name = entry.source, entry.name  # as recorded, so an unchanged rebuild is byte-identical
+            h.check_fits(base.name, base.feature_dim, base.digest, force=force)
+            h.check_identity(base.identity())
+            kept.append(h)
+        return kept
+
+    def report(self, built: Manifest, kept: list[str], added: list[str], dropped: list[str]) -> int:
+        """What the rebuild changed; an unchanged rebuild must be byte-identical (exit 1 if not)."""
+        if added or dropped:
+            print(f"rebuilt from {self.given}: kept {', '.join(kept) or 'no head'}"
+                  + (f"; added {', '.join(added)}" if added else "") + (f"; dropped {', '.join(dropped)}" if dropped else ""))
+            return 0
+        same = built.model_sha256 == self.manifest.model_sha256
+        print(f"rebuilt from {self.given}: model.onnx is "
+              + ("byte-identical to the recorded one" if same else "NOT identical to the recorded one"))
+        return 0 if same else 1
+
+
+def model_to_rebuild(a: argparse.Namespace) -> Rebuild:
+    """Fill ``a`` from the settings recorded in the model ``--from`` names (a folder, its
+    manifest.json, or a store tag); other options add (--new-head) or remove (--drop-head) heads."""
+    folder, tag = model_folder(a.from_model, "--from")
+    m = Manifest.read(folder / "manifest.json")
+    st = m.settings
+    names = [h.name for h in m.new_heads]
+    unknown = [d for d in a.drop_head or [] if d not in names]
+    if unknown:
+        raise ExtendserveError(f"--drop-head {unknown[0]}: {a.from_model} has no head of that name; its heads are "
+                               f"{', '.join(names)}")
+    if st.get("demo") and not (a.new_head or a.drop_head):
+        raise ExtendserveError(f"{a.from_model}: the demo model is rebuilt with: extendserve demo")
+    try:
+        a.backbone = st.get("backbone") or m.backbone["name"]
+        a.force = bool(st.get("force", a.force))
+        a.weights, a.restore, a.exclude = st.get("weights"), st.get("restore", "all"), st.get("exclude", [])
+        a.base, a.preprocess, a.labels = st.get("base"), st.get("preprocess"), st.get("labels")
+    except (KeyError, TypeError) as e:
+        raise ExtendserveError(f"{folder}: not a model extendserve can rebuild from ({e})") from None
+    if a.output is None:
+        if tag is not None:
+            raise ExtendserveError(f"--from {a.from_model}: give the folder to write with -o, for example: "
+                                   f"extendserve build --from {a.from_model} -o models/{tag.split(':')[0].removeprefix(PREFIX)}")
+        a.output = str(folder)
+    if tag is not None and not a.name:
+        a.name = tag.split(":")[0].removeprefix(PREFIX)  # a new version of the same store model
+    return Rebuild(a.from_model, folder, m, list(a.drop_head or []))
 
 
 def _print_verification(manifest: Manifest) -> None:
@@ -94,27 +176,6 @@ def _print_verification(manifest: Manifest) -> None:
             print(f"bf16: OpenVINO in bf16 changes {b['top1_changed']} of {b['inputs']} top-1 decisions against f32 "
                   f"on the verification inputs (max |logit diff| {b['max_abs_diff']:.2g}); served in bf16 where "
                   "faster (build without --cpu-precision to keep f32)")
-
-
-def settings_from_manifest(a: argparse.Namespace) -> Manifest:
-    """Fill ``a`` from a manifest's recorded settings (for ``build --from``); returns the manifest."""
-    path = Path(a.from_manifest)
-    if path.is_dir():
-        path = path / "manifest.json"
-    m = Manifest.read(path)
-    st = m.settings
-    try:
-        a.backbone, a.new_head, a.classes, a.force = st["backbone"], st["new_head"], st["classes"], st["force"]
-        a.weights, a.restore, a.exclude = st.get("weights"), st.get("restore", "all"), st.get("exclude", [])
-        a.base, a.preprocess, a.labels = st.get("base"), st.get("preprocess"), st.get("labels")
-        a.cpu_precision = m.cpu_precision
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ExtendserveError(f"{path}: not a manifest extendserve can rebuild from ({e})") from None
-    if st.get("demo"):
-        raise ExtendserveError(f"{path}: the demo model is rebuilt with: extendserve demo")
-    if a.output is None:
-        a.output = str(path.parent)
-    return m
 
 
 def demo_pixels(cfg: Any) -> list[Any]:

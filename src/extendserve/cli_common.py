@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ExtendserveError
+from .store import PREFIX  # the store module imports bentoml only when it is used
 
 DEFAULT_MODEL_DIR = os.environ.get("EXTENDSERVE_MODEL_DIR", "models/default")
 
@@ -55,6 +56,25 @@ def absolute(path: str) -> str:
     return str(Path(path).absolute())
 
 
+def model_folder(given: str, option: str = "--model") -> tuple[Path, str | None]:
+    """A built model's folder from what a user gives: the folder, its manifest.json, or a store tag
+    (``extendserve-NAME:VERSION`` or ``:latest``); (folder, the concrete tag or None)."""
+    p = Path(given)
+    if p.is_file() and p.name == "manifest.json":
+        return p.parent, None
+    if p.exists():
+        return p, None
+    if ":" in given or given.startswith(PREFIX):
+        from .store import resolve
+
+        tag, folder = resolve(given if ":" in given else f"{given}:latest")
+        return folder, tag
+    from .store import did_you_mean
+
+    raise ExtendserveError(f"{option} {given}: no such model folder{did_you_mean(given)}; give a folder written by "
+                           f"extendserve build -o DIR, or a store tag such as {PREFIX}default:latest (bentoml models list)")
+
+
 def store_name_for(a: argparse.Namespace) -> str | None:
     """The store name ``--name`` gives (default: the output folder's name), checked before any work."""
     if a.no_store:
@@ -66,7 +86,13 @@ def store_name_for(a: argparse.Namespace) -> str | None:
     return name
 
 
-def say_saved(tag: str | None) -> None:
-    if tag is not None:
+def say_saved(saved: tuple[str, bool] | None) -> None:
+    if saved is None:
+        return
+    tag, new = saved
+    if new:
         print(f"saved to the BentoML model store as {tag} (bentoml models list; serve it with "
               f"EXTENDSERVE_MODEL={tag} bentoml serve)")
+    else:
+        print(f"the model store's latest {tag} is this same model (same model.onnx): kept it, no new version saved "
+              f"(serve it with EXTENDSERVE_MODEL={tag} bentoml serve)")

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from .cli_common import model_folder
 from .errors import ExtendserveError
 
 
@@ -25,7 +26,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
             raise ExtendserveError(f"{path}: not a regular file (a folder, device, FIFO or socket); give photo files")
     if a.top_k < 1:
         raise ExtendserveError(f"--top-k must be at least 1, not {a.top_k}")
-    model = Model(a.model, device=os.environ.get("EXTENDSERVE_DEVICE", "cpu"),
+    model = Model(model_folder(a.model)[0], device=os.environ.get("EXTENDSERVE_DEVICE", "cpu"),
                   engine=os.environ.get("EXTENDSERVE_ENGINE", "onnxruntime"))
     results = model.predict_files(a.images, a.top_k)
     if a.json:
@@ -44,7 +45,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate, render
 
-    res = evaluate(a.model, new=a.new, imagenet=a.imagenet)
+    res = evaluate(str(model_folder(a.model)[0]), new=a.new, imagenet=a.imagenet)
     print(json.dumps(res, indent=2) if a.json else render(res))
     return 0
 

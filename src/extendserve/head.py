@@ -75,8 +75,15 @@ class Head:
         """Write atomically: a crash never leaves a half-written head file behind."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = self.to_payload()
-        write_atomic(path, lambda f: torch.save(payload, f), sync=True)
+        write_atomic(path, self.to_bytes(), sync=True)
+
+    def to_bytes(self) -> bytes:
+        """The head file's bytes: what a built model carries in ``heads/`` to be rebuilt from."""
+        import io
+
+        buf = io.BytesIO()
+        torch.save(self.to_payload(), buf)
+        return buf.getvalue()
 
     def check_fits(self, base: str, feature_dim: int, digest: str, force: bool = False) -> None:
         """Refuse a head that was trained on other features than the ones it would receive: the

@@ -16,7 +16,8 @@ from .config import PreprocessConfig
 from .errors import ExtendserveError
 
 FORMAT = "extendserve-model"
-MODEL_FILES = ("model.onnx", "manifest.json")
+MODEL_FILES = ("model.onnx", "manifest.json")  # what serving reads
+HEADS_DIR = "heads"  # the new heads' own files, so a model is rebuilt (a head added or dropped) from itself
 BASE_HEAD_NAMES = ("imagenet", "base")  # the base's own block of outputs: a built-in backbone, a foreign base
 
 
@@ -35,6 +36,7 @@ class HeadEntry:
     background: str | None = None
     background_taken: float | None = None
     heldout: dict[str, Any] | None = None
+    file: str | None = None  # the head's file inside the model folder (relative), e.g. heads/celebs.pt
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -90,6 +92,7 @@ class Manifest:
             "preprocess": self.preprocess.to_dict(),
             "verification": {k: v for k, v in self.verification.items() if isinstance(v, (int, float, bool, str))},
             "model_sha256": self.model_sha256,
+            "cpu_precision": self.cpu_precision,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,6 +140,19 @@ class Manifest:
         if not isinstance(d, dict):
             raise ExtendserveError(f"{p}: not an extendserve manifest; rebuild the model")
         return cls.from_dict(d, str(p))
+
+
+def without_paths(value: Any, key: str = "") -> Any:
+    """``value`` with every absolute file path cut to its last part: what a manifest records of a
+    head's settings and what a served model tells its clients (/info), without the folders of the
+    machine that built or serves it (training photos, head files, the store)."""
+    if isinstance(value, dict):
+        return {k: without_paths(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return value if key in ("labels", "classes") else [without_paths(v) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return Path(value).name
+    return value
 
 
 def is_manifest(path: str | os.PathLike[str]) -> bool:

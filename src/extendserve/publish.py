@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .build import BuiltModel
 from .errors import BuildError, ExtendserveError
-from .manifest import MODEL_FILES, Manifest, is_manifest
+from .manifest import HEADS_DIR, MODEL_FILES, Manifest, is_manifest
 
 
 @dataclass(frozen=True)
@@ -52,17 +52,17 @@ def output_dir(out_dir: str | os.PathLike[str]) -> OutputDir:
         raise BuildError(f"-o {given}: {final} is not empty and not an extendserve model folder (it holds {shown}); "
                          "a build replaces the whole folder, so it writes only into a new or empty folder or an "
                          f"existing model. Give a new folder, for example -o {given / 'my-model'}")
-    others = [e for e in entries if e not in MODEL_FILES]
+    others = [e for e in entries if e not in MODEL_FILES and e != HEADS_DIR]
     if others:
         raise BuildError(f"-o {given}: the model folder {final} also holds {', '.join(others[:5])}, which a build "
                          "would delete; move them out of it, or choose another -o")
     return OutputDir(given, final)
 
 
-def publish(built: BuiltModel, out: OutputDir, store_name: str | None = None) -> str | None:
+def publish(built: BuiltModel, out: OutputDir, store_name: str | None = None) -> tuple[str, bool] | None:
     """Write the model folder (swapped in for ``out`` in one step: a symlinked ``-o`` stays a link,
-    to the new model) and, with ``store_name``, save it as a new version in BentoML's model store;
-    the store tag, if saved."""
+    to the new model) and, with ``store_name``, save it as a new version in BentoML's model store
+    (unless its latest version is this model already): (the tag, whether it is new), if saved."""
     write_model_dir(out.final, built.files())
     if store_name is None:
         return None
@@ -79,11 +79,13 @@ def write_model_dir(final: Path, files: dict[str, bytes]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.building-{os.getpid()}-", dir=final.parent))
     try:
         for name, data in files.items():  # the folder is what is swapped in whole: its files written plainly
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             with open(tmp / name, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        os.chmod(tmp, 0o755)
+        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+            os.chmod(d, 0o755)
         if final.exists():
             _exchange(tmp, final)  # tmp now holds the old model
         else:

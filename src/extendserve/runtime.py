@@ -98,7 +98,8 @@ def read_model_dir(directory: str | os.PathLike[str]) -> tuple[Manifest, bytes]:
     manifest_path, model_path = d / "manifest.json", d / "model.onnx"
     if not manifest_path.is_file() or not model_path.is_file():
         raise ExtendserveError(
-            f"{d}: not a built model (expected model.onnx and manifest.json); build one with: extendserve build -o {d}"
+            f"{d}: not a built model (expected model.onnx and manifest.json); build one with: "
+            f"extendserve build --new-head HEAD.pt -o {d}"
         )
     manifest = Manifest.read(manifest_path)
     data = model_path.read_bytes()

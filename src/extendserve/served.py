@@ -84,18 +84,6 @@ def check_device(model_dir: str | os.PathLike[str], device: str) -> None:
         raise ExtendserveError((r.stderr.strip().splitlines() or ["CUDA check failed"])[-1])
 
 
-def without_paths(value: Any, key: str = "") -> Any:
-    """``value`` with every absolute file path cut to its last part: what a served model tells its
-    clients (/info) without the server's folders (training photos, head files, the store)."""
-    if isinstance(value, dict):
-        return {k: without_paths(v, k) for k, v in value.items()}
-    if isinstance(value, list):
-        return value if key in ("labels", "classes") else [without_paths(v) for v in value]
-    if isinstance(value, str) and os.path.isabs(value):
-        return Path(value).name
-    return value
-
-
 @functools.cache
 def _malloc_trim() -> Any:
     """glibc's malloc_trim, looked up once (find_library runs ldconfig in a child process), or None."""

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from .errors import ExtendserveError
-from .manifest import Manifest
+from .manifest import HEADS_DIR, MODEL_FILES, Manifest
 
 PREFIX = "extendserve-"
 DEFAULT_TAG = f"{PREFIX}default:latest"
@@ -66,8 +66,10 @@ def drop_broken_versions(name: str) -> list[str]:
     return dropped
 
 
-def save_to_store(model_dir: str | os.PathLike[str], name: str, manifest: Manifest | None = None) -> str:
-    """Save a built, verified model folder as a new version of ``extendserve-NAME``; its tag.
+def save_to_store(model_dir: str | os.PathLike[str], name: str, manifest: Manifest | None = None) -> tuple[str, bool]:
+    """Save a built, verified model folder as a new version of ``extendserve-NAME``: (its tag,
+    True), or (the latest version's tag, False) when that one is the same model already (same
+    ``model.onnx`` and CPU precision), so rebuilding changes nothing in the store.
     ``manifest``: the folder's, when the caller holds it (publishing), so it is not read back."""
     import bentoml
 
@@ -76,11 +78,31 @@ def save_to_store(model_dir: str | os.PathLike[str], name: str, manifest: Manife
     drop_broken_versions(store_name(name))
     model_dir = Path(model_dir)
     manifest = manifest or Manifest.read(model_dir / "manifest.json")
+    same = _latest_if_same(store_name(name), manifest)
+    if same is not None:
+        return same, False
     with bentoml.models.create(store_name(name), labels={"producer": "extendserve", "extendserve": __version__},
                                metadata=manifest.summary()) as m:
-        for f in ("model.onnx", "manifest.json"):
+        for f in MODEL_FILES:
             shutil.copyfile(model_dir / f, m.path_of(f))
-    return str(m.tag)
+        if (model_dir / HEADS_DIR).is_dir():
+            shutil.copytree(model_dir / HEADS_DIR, m.path_of(HEADS_DIR))
+    return str(m.tag), True
+
+
+def _latest_if_same(name: str, manifest: Manifest) -> str | None:
+    """The tag of ``name:latest`` when it is this very model (only the latest: keeping an older
+    identical version would leave ``latest`` serving another model than the one just built)."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        latest = bentoml.models.get(f"{name}:latest")
+        have = Manifest.read(Path(latest.path_of("manifest.json")))
+    except (NotFound, ExtendserveError):
+        return None
+    same = have.model_sha256 == manifest.model_sha256 and have.cpu_precision == manifest.cpu_precision
+    return str(latest.tag) if same else None
 
 
 def resolve(tag: str) -> tuple[str, Path]:
@@ -95,13 +117,28 @@ def resolve(tag: str) -> tuple[str, Path]:
     except NotFound:
         name = tag.split(":")[0]
         raise ExtendserveError(
-            f"no model {tag} in the BentoML model store ({os.environ.get('BENTOML_HOME', '~/bentoml')}); build one "
-            f"with: extendserve build --new-head HEAD.pt --name {name.removeprefix(PREFIX)} (make serve builds the demo), "
-            "or import one: bentoml models import FILE.bentomodel; see bentoml models list"
+            f"no model {tag} in the BentoML model store ({os.environ.get('BENTOML_HOME', '~/bentoml')})"
+            + did_you_mean(name)
+            + f"; build one with: extendserve build --new-head HEAD.pt -o models/{name.removeprefix(PREFIX)} "
+            "(make serve builds the demo), or import one: bentoml models import FILE.bentomodel; see bentoml models list"
         ) from None
     except (BentoMLException, ValueError) as e:
         raise ExtendserveError(f"EXTENDSERVE_MODEL={tag!r}: {e}; give a tag such as {DEFAULT_TAG}") from None
     return str(model.tag), Path(model.path_of("manifest.json")).parent
+
+
+def did_you_mean(name: str) -> str:
+    """``celebs`` for ``extendserve-celebs:latest``: the tag meant, when the store has it."""
+    import bentoml
+    from bentoml.exceptions import BentoMLException, NotFound
+
+    if name.startswith(PREFIX):
+        return ""
+    try:
+        found = bentoml.models.get(f"{PREFIX}{name}:latest")
+    except (NotFound, BentoMLException, ValueError):
+        return ""
+    return f"; extendserve's models are named {PREFIX}NAME: did you mean {PREFIX}{name}:latest (now {found.tag})?"
 
 
 def packed_tag(service_file: str | os.PathLike[str]) -> str | None:
