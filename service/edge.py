@@ -111,6 +111,10 @@ class HttpEdge:
             problem = form_problem(body, headers.get(b"content-type", b""), path)
             if problem:
                 return await error(400, f"{path}: {problem}")(scope, receive, send)
+            try:
+                body, scope = query_top_k_into_form(body, headers.get(b"content-type", b""), scope)
+            except ValueError as e:
+                return await error(400, f"{path}: {e}")(scope, receive, send)
         if self.slots.locked():
             return await error(429, f"{self.admitted} requests are in progress on this worker; retry shortly")(
                 scope, receive, send)
@@ -146,11 +150,8 @@ class HttpEdge:
         """``POST /classify`` with the photo as the whole body (``curl --data-binary @photo.jpg -H
         'Content-Type: image/jpeg'``), ``top_k`` in the query string: what curl users expect and
         BentoML's multipart-only APIs do not take (bentoml/BentoML#4651, #5215)."""
-        from urllib.parse import parse_qs
-
-        raw_k = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("top_k", ["5"])[-1]
         try:
-            top_k = int(strict_int(raw_k))
+            top_k = int(strict_int(query_top_k(scope) or "5"))
         except ValueError as e:
             return await error(400, str(e))(scope, receive, send)
         try:
@@ -209,6 +210,37 @@ def form_problem(body: bytes, content_type: bytes, path: str) -> str | None:
     if photo not in seen:
         return f"no '{photo}' field; {hint}"
     return None
+
+
+def query_top_k(scope: Any) -> str | None:
+    """``?top_k=`` as sent (the last one), or None."""
+    from urllib.parse import parse_qs
+
+    got = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).get("top_k")
+    return got[-1] if got else None
+
+
+def query_top_k_into_form(body: bytes, content_type: bytes, scope: Any) -> tuple[bytes, Any]:
+    """A form upload with ``?top_k=`` in the URL (``curl -F image=@x '/classify?top_k=2'``): the
+    query's top_k added to the form as its field, which BentoML reads (it ignores the query). Raises
+    ValueError for a top_k that is not digits, or one given in both places with other values."""
+    k = query_top_k(scope)
+    if k is None:
+        return body, scope
+    strict_int(k)
+    boundary = re.search(rb'boundary="?([^";]+)"?', content_type).group(1)  # type: ignore[union-attr]
+    in_form = re.search(rb'name="top_k"\r\n\r\n([^\r]*)\r\n', body)
+    if in_form:
+        if in_form.group(1).strip() != k.strip().encode():
+            raise ValueError(f"top_k is {k!r} in the URL and {in_form.group(1).decode('latin-1')!r} in the form; give it once")
+        return body, scope
+    end = body.rfind(b"--" + boundary + b"--")
+    if end < 0:
+        raise ValueError("the multipart body has no closing boundary; send it with curl -F or a multipart library")
+    part = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n' + k.strip().encode() + b"\r\n"
+    body = body[:end] + part + body[end:]
+    headers = [(n, v) for n, v in scope.get("headers") or [] if n.lower() != b"content-length"]
+    return body, scope | {"headers": headers + [(b"content-length", str(len(body)).encode())]}
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -572,7 +572,22 @@ def test_swagger_at_root_and_typed_responses(server):
     assert status == 200 and b"swagger" in page.lower()
     spec = json.loads(server.get("/docs.json")[1])
     assert "get" in spec["paths"]["/info"] and "get" in spec["paths"]["/ui"]
+    assert "new classes" in spec["info"]["description"] and "created with BentoML" not in spec["info"]["description"]
     schemas = spec["components"]["schemas"]
     assert "model_tag" in schemas["Info"]["properties"]
     assert set(schemas["Prediction"]["properties"]) == {"label", "index", "score", "head"}
     assert "predictions" in schemas["Classification"]["properties"]
+
+
+def test_query_top_k_with_a_form_upload(server):
+    """curl -F image=@x '/classify?top_k=2': the query's top_k counts (BentoML reads only the form)."""
+    status, body = server.post("/classify?top_k=2", [("image", disc(), "x.jpg")])
+    assert status == 200 and len(body["predictions"]) == 2
+    status, body = server.post("/classify_batch?top_k=1", [("images", disc(), "a.jpg"), ("images", disc(), "b.jpg")])
+    assert status == 200 and [len(r["predictions"]) for r in body] == [1, 1]
+    status, body = server.post("/classify?top_k=3", [("image", disc(), "x.jpg"), ("top_k", "3", None)])
+    assert status == 200 and len(body["predictions"]) == 3  # the same in both places: fine
+    for query, words in [("?top_k=abc", "whole number"), ("?top_k=", "whole number"), ("?top_k=2&x=1", None)]:
+        fields = [("image", disc(), "x.jpg")] + ([("top_k", "3", None)] if words is None else [])
+        status, body = server.post("/classify" + query, fields)
+        assert status == 400 and (words or "give it once") in body["error"], (query, body)

@@ -88,6 +88,12 @@ def test_bento_built_here_serves_from_another_directory(two_versions, tmp_path):
     assert packed == [first]
     store = Path(os.environ["BENTOML_HOME"]) / "bentos" / "extendserve-classifier" / bento.split(":")[1]
     assert not list((store / "src").rglob("*.onnx"))  # by reference, not copied in as source
+    # the GPU bento: onnxruntime-gpu pinned to the CUDA major its docs and errors name (13)
+    env = store / "env" / "python"
+    assert "onnxruntime-gpu[cuda,cudnn]>=1.27,<2" in (env / "requirements.in").read_text()
+    locked = (env / "requirements.txt").read_text()  # BentoML locks the versions at build time
+    assert re.search(r"^nvidia-cuda-runtime==13\.", locked, re.M) and "nvidia-cudnn-cu13==9." in locked
+    assert "CUDA 13" in (ROOT / "bentofile.yaml").read_text() and "CUDA 12 and" not in (ROOT / "README.md").read_text()
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     # The bento wins: EXTENDSERVE_MODEL left in the shell once made it serve that model instead.
@@ -99,6 +105,22 @@ def test_bento_built_here_serves_from_another_directory(two_versions, tmp_path):
         assert status == 200 and body["predictions"][0]["label"] == "red discs"
     finally:
         s.stop()
+
+
+def test_cpu_bento_carries_no_cuda_and_describes_the_service(two_versions):
+    """bentofile.cpu.yaml: onnxruntime's CPU build, no CUDA or cuDNN wheels; the bento's description
+    (its Swagger page's) is the service's own, not BentoML's generic text."""
+    _, first, _ = two_versions
+    out = bentoml("build", "-f", "bentofile.cpu.yaml", env={"EXTENDSERVE_MODEL": first})
+    bento = re.search(r"(extendserve-classifier:\w+)", out).group(1)
+    store = Path(os.environ["BENTOML_HOME"]) / "bentos" / "extendserve-classifier" / bento.split(":")[1]
+    env = store / "env" / "python"
+    assert "onnxruntime>=1.20" in (env / "requirements.in").read_text()
+    locked = (env / "requirements.txt").read_text()  # BentoML locks the versions at build time
+    assert re.search(r"^onnxruntime==", locked, re.M) and "onnxruntime-gpu" not in locked
+    assert not re.search(r"^nvidia-(cuda|cudnn|cublas|cufft|curand|nvjitlink)", locked, re.M)  # nvidia-ml-py is BentoML's
+    readme = (store / "README.md").read_text()
+    assert "extendserve: an ImageNet classifier" in readme and "created with BentoML" not in readme
 
 
 def test_half_saved_version_is_removed_and_latest_names_a_whole_one(two_versions):

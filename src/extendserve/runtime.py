@@ -59,12 +59,23 @@ def make_session(
         why = (
             "onnxruntime here has no CUDA provider: install onnxruntime-gpu"
             if "CUDAExecutionProvider" not in available
-            else "onnxruntime-gpu is installed but CUDA did not load: check the NVIDIA driver, "
-            "and that the CUDA 12 and cuDNN 9 libraries onnxruntime-gpu needs are on the library "
-            "path (pip install 'onnxruntime-gpu[cuda,cudnn]' brings them)"
+            else f"onnxruntime-gpu is installed but CUDA did not load: check the NVIDIA driver, "
+            f"and that the CUDA {cuda_major()} and cuDNN 9 libraries this onnxruntime-gpu needs are on the "
+            "library path (pip install 'onnxruntime-gpu[cuda,cudnn]' brings them)"
         )
         raise ExtendserveError(f"EXTENDSERVE_DEVICE=cuda but the model runs on the CPU: {why}")
     return sess
+
+
+def cuda_major() -> str:
+    """The CUDA major version this onnxruntime-gpu was built for (12 up to 1.26, 13 from 1.27), as
+    it records it: what its errors and the docs must name."""
+    try:
+        from onnxruntime.capi import build_and_package_info as info
+
+        return str(getattr(info, "cuda_version", "") or "12").split(".")[0]
+    except ImportError:
+        return "12"
 
 
 def _gpu_present() -> bool:
