@@ -12,10 +12,11 @@ from pathlib import Path
 import bentoml
 import pytest
 
-from conftest import run_cli, synthetic_photo
 from extendserve.errors import ExtendserveError
 from extendserve.head import load_head
 from extendserve.runtime import Model
+
+from conftest import run_cli, synthetic_photo
 
 
 def renamed_head(src: Path, dst: Path, name: str, prefix: str) -> Path:
