@@ -89,7 +89,9 @@ class Classifier:
             log.error("extendserve: %s", e)
             os.kill(os.getppid(), signal.SIGTERM)
             raise SystemExit(2) from None
-        log.warning("extendserve: serving %s (pinned copy %s) on %s with %s (providers: %s)", MODEL_TAG or MODEL_SOURCE,
+        # INFO, not WARNING: serving on the CPU is a normal state (a failed CUDA load warns where it happens)
+        log.setLevel(logging.INFO)
+        log.info("extendserve: serving %s (pinned copy %s) on %s with %s (providers: %s)", MODEL_TAG or MODEL_SOURCE,
                     MODEL_DIR, self.model.device.upper(), self.model.engine.name,
                     ", ".join(self.model.session.get_providers()))
         self.model.warm_up((1, 8, S.max_batch))  # grow memory arenas to the largest batch now

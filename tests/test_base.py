@@ -245,3 +245,21 @@ def test_preprocessing_and_labels_are_part_of_a_heads_identity(synthetic_data, t
     r = run_cli("build", "--new-head", str(tmp_path / "h.pt"), "-o", str(tmp_path / "m"), *base,
                 "--labels", str(tmp_path / "labels.txt"), check=False)
     assert "WARNING" in r.stderr and "names no preprocessing" in r.stderr and "--preprocess FILE.json" in r.stderr
+
+
+def test_preprocess_units_are_written_and_either_kind_is_read(built_model, tmp_path):
+    """The manifest writes mean/std in pixel values and says so; --preprocess takes torchvision's 0-1
+    values or, with "units": "0-255", the manifest's own block pasted as it is."""
+    from extendserve.errors import ExtendserveError
+    from extendserve.onnx_file import preprocess_from_file
+
+    block = json.loads((built_model / "manifest.json").read_text())["preprocess"]
+    assert block["units"] == "0-255" and block["mean"] == [127.0, 127.0, 127.0]
+    (tmp_path / "pasted.json").write_text(json.dumps(block))
+    (tmp_path / "torchvision.json").write_text(json.dumps(block | {"units": "0-1", "mean": [127 / 255] * 3,
+                                                                   "std": [128 / 255] * 3}))
+    pasted, tv = preprocess_from_file(tmp_path / "pasted.json", 224), preprocess_from_file(tmp_path / "torchvision.json", 224)
+    assert pasted.mean == (127.0,) * 3 and np.allclose(tv.mean, pasted.mean) and np.allclose(tv.std, pasted.std)
+    (tmp_path / "bare.json").write_text(json.dumps({k: v for k, v in block.items() if k != "units"}))
+    with pytest.raises(ExtendserveError, match='looks like pixel values.*"units": "0-255"'):
+        preprocess_from_file(tmp_path / "bare.json", 224)

@@ -579,6 +579,11 @@ def test_swagger_at_root_and_typed_responses(server):
     assert "predictions" in schemas["Classification"]["properties"]
 
 
+def test_serving_on_the_cpu_is_logged_as_info(server):
+    line = next(ln for ln in server.logs().splitlines() if "extendserve: serving" in ln)
+    assert "[INFO]" in line and "on CPU with" in line
+
+
 def test_query_top_k_with_a_form_upload(server):
     """curl -F image=@x '/classify?top_k=2': the query's top_k counts (BentoML reads only the form)."""
     status, body = server.post("/classify?top_k=2", [("image", disc(), "x.jpg")])

@@ -84,7 +84,7 @@ class Base:
     def identity(self) -> dict[str, Any]:
         """What a head trained on this base depends on besides its weights: the preprocessing that
         made its features and the labels served beside it. A feature cache key and build's check."""
-        return {"preprocess": self.preprocess.to_dict(),
+        return {"preprocess": self.preprocess.to_dict(units=False),
                 "labels_sha256": hashlib.sha256("\n".join(self.labels).encode("utf-8")).hexdigest()}
 
     def adapted(self, outputs: Sequence[str] = ()) -> onnx.ModelProto:

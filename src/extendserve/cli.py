@@ -37,7 +37,8 @@ def weight_options(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("any ImageNet-style classifier in ONNX as the base (instead of --backbone)")
     o.add_argument("--base", metavar="FILE.onnx", help="the classifier whose final linear layer new classes sit beside")
     o.add_argument("--preprocess", metavar="FILE.json", help="with --base: keys resize, crop, interpolation, mean, "
-                   "std (mean and std in 0-1 units, as torchvision writes them); default torchvision's ImageNet values")
+                   "std, units (\"0-1\", torchvision's, the default; or \"0-255\", as a model's manifest writes "
+                   "them); default torchvision's ImageNet values")
     o.add_argument("--labels", metavar="FILE", help="with --base: its class names, one a line (default: the ONNX "
                    "metadata 'labels', else class_0, class_1, ...)")
     g = p.add_argument_group("backbone weights")

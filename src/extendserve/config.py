@@ -16,12 +16,16 @@ def cache_root() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "extendserve"
 
 
+PIXEL_UNITS = "0-255"
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How a photo becomes the model's uint8 input; travels with every model it built.
 
     ``mean``/``std`` are in 0..255 pixel units and are applied *inside* the exported graph,
-    so clients only resize and crop.
+    so clients only resize and crop. Written with ``"units": "0-255"`` so nobody reads them as
+    torchvision's 0-1 values; ``--preprocess`` takes either, saying which with ``units``.
     """
 
     resize: int = 256  # shorter side is resized to this
@@ -30,17 +34,19 @@ class PreprocessConfig:
     mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, units: bool = True) -> dict[str, Any]:
+        """``units=False``: the values alone, as features and heads have always been keyed by them."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
+        return d | ({"units": PIXEL_UNITS} if units else {})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
+        scale = 255.0 if d.get("units") == "0-1" else 1.0  # written without units: 0-255, as always
         return cls(
             resize=int(d["resize"]),
             crop=int(d["crop"]),
             interpolation=str(d.get("interpolation", "bilinear")),
-            mean=tuple(float(v) for v in d["mean"]),  # type: ignore[arg-type]
-            std=tuple(float(v) for v in d["std"]),  # type: ignore[arg-type]
+            mean=tuple(float(v) * scale for v in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(v) * scale for v in d["std"]),  # type: ignore[arg-type]
         )

@@ -117,7 +117,7 @@ class Head:
         is built on has (heads written before these were recorded are not checked)."""
         trained = (self.settings or {}).get("base_model") or {}
         where = self.source or self.name
-        if "preprocess" in trained and trained["preprocess"] != identity["preprocess"]:
+        if "preprocess" in trained and _values(trained["preprocess"]) != _values(identity["preprocess"]):
             raise HeadFileError(
                 f"{where}: the head was trained with preprocessing {_short(trained['preprocess'])}, but this base "
                 f"has {_short(identity['preprocess'])}; build with the --preprocess it was trained with, or retrain it")
@@ -125,6 +125,16 @@ class Head:
             raise HeadFileError(f"{where}: the head was trained beside other labels of the base (sha256 "
                                 f"{trained['labels_sha256'][:12]}, these are {identity['labels_sha256'][:12]}); "
                                 "build with the --labels it was trained with, or retrain it")
+
+
+def _values(pre: dict[str, Any]) -> Any:
+    """Preprocessing compared by what it does, whichever units it was written in."""
+    from .config import PreprocessConfig
+
+    try:
+        return PreprocessConfig.from_dict(pre)
+    except (KeyError, TypeError, ValueError):
+        return pre
 
 
 def _short(pre: dict[str, Any]) -> str:

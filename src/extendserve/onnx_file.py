@@ -126,19 +126,24 @@ def preprocess_from_file(path: str | os.PathLike[str] | None, size: int | None) 
 
 
 def preprocess_config(given: Any, size: int | None, where: str) -> PreprocessConfig:
-    """Keys ``resize``, ``crop``, ``interpolation``, ``mean``, ``std`` (0-1 units; torchvision's
-    ImageNet values for those absent) -> our config, every value checked."""
+    """Keys ``resize``, ``crop``, ``interpolation``, ``mean``, ``std`` (torchvision's ImageNet values
+    for those absent) and ``units``: ``0-1`` (torchvision's, the default) or ``0-255`` (pixel values,
+    as a built model's manifest writes them, so its block can be pasted) -> our config, checked."""
     d = dict(TORCHVISION)
     if size:
         d["crop"], d["resize"] = size, round(size * 256 / 224)
     if given is not None:
-        unknown = set(given) - set(TORCHVISION) if isinstance(given, dict) else {"(not an object)"}
+        unknown = set(given) - {*TORCHVISION, "units"} if isinstance(given, dict) else {"(not an object)"}
         if unknown:
-            raise ExtendserveError(f"{where}: expected keys {sorted(TORCHVISION)}, found {sorted(unknown)}")
+            raise ExtendserveError(f"{where}: expected keys {sorted(TORCHVISION)} and units, found {sorted(unknown)}")
         d |= given
+    units = d.pop("units", "0-1")
+    if units not in ("0-1", "0-255"):
+        raise ExtendserveError(f"{where}: units must be \"0-1\" (torchvision's mean and std) or \"0-255\" (pixel values)")
     try:
-        mean = [float(v) * 255 for v in d["mean"]]
-        std = [float(v) * 255 for v in d["std"]]
+        scale = 255.0 if units == "0-1" else 1.0
+        mean = [float(v) * scale for v in d["mean"]]
+        std = [float(v) * scale for v in d["std"]]
         cfg = PreprocessConfig(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
                                mean=tuple(mean), std=tuple(std))  # type: ignore[arg-type]
     except (TypeError, ValueError) as e:
@@ -146,6 +151,9 @@ def preprocess_config(given: Any, size: int | None, where: str) -> PreprocessCon
     if not all(math.isfinite(v) for v in (*mean, *std)):
         raise ExtendserveError(f"{where}: mean and std must be finite numbers, not NaN or Infinity "
                                f"(mean {d['mean']}, std {d['std']})")
+    if given is not None and "units" not in given and max(map(abs, mean)) > 2 * 255:
+        raise ExtendserveError(f"{where}: mean {d['mean']} looks like pixel values (0-255), but without \"units\" "
+                               "they are read as torchvision's 0-1 values; add \"units\": \"0-255\" or divide them by 255")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0 or not 0 < cfg.crop <= cfg.resize * 2:
         raise ExtendserveError(f"{where}: mean and std need 3 values each (std > 0), crop and resize "
                                "positive sizes")
