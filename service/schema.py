@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
@@ -39,3 +40,19 @@ class Info(BaseModel):
     batching: dict[str, float] = Field(description="this worker's micro-batcher: model calls and photos so far, "
                                                     "max_batch, window_ms")
     versions: dict[str, str]
+
+
+def with_description(svc: Any, readme: Path) -> None:
+    """The OpenAPI (Swagger page) description of ``svc``: ``readme``, not BentoML's generic text.
+    BentoML takes it only from a bento's description (bentofile.yaml points at the same file);
+    served from the source folder, overriding the ``doc`` property is the way (bentoml/BentoML#2975)."""
+    text = readme.read_text("utf-8")
+
+    class Documented(type(svc)):  # type: ignore[misc]
+        __slots__ = ()
+
+        @property
+        def doc(self) -> str:
+            return self.bento.doc if self.bento is not None else text
+
+    svc.__class__ = Documented

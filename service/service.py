@@ -35,7 +35,7 @@ from extendserve.served import give_back_memory, resolve_served_model
 from extendserve.settings import ServiceSettings
 
 from .edge import ClientError, HttpEdge, answers_client_errors
-from .schema import Classification, Info, TopK
+from .schema import Classification, Info, TopK, with_description
 
 log = logging.getLogger("extendserve")
 
@@ -188,19 +188,6 @@ class Classifier:
                 await asyncio.to_thread(give_back_memory)
 
 
-class _Documented(type(Classifier)):  # type: ignore[misc]
-    """The Swagger page's description: this service's own, not BentoML's generic one. BentoML takes
-    it only from a bento's description (bentofile.yaml); served from the source folder, overriding
-    the property is the way (bentoml/BentoML#2975)."""
-
-    __slots__ = ()
-
-    @property
-    def doc(self) -> str:
-        return self.bento.doc if self.bento is not None else SERVICE_DOC
-
-
-SERVICE_DOC = Path(__file__).with_name("README.md").read_text("utf-8")
-Classifier.__class__ = _Documented
+with_description(Classifier, Path(__file__).with_name("README.md"))  # the Swagger page says what this is
 Classifier.add_asgi_middleware(HttpEdge, limit=S.max_upload + 64 * 1024, batch_limit=S.max_request,
                                min_rate=S.min_rate, grace=S.grace, admitted=S.admitted)

@@ -30,6 +30,7 @@ more held-out photos through at the same stolen share.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,19 +99,30 @@ class Metric:
 CHUNK = 4096  # views a step, when statistics are accumulated: bounds memory whatever the photo count
 
 
-def fit_metric(feats: np.ndarray, labels: np.ndarray, n: int, shrinkage: float, rank: int) -> Metric:
-    """Class means and shared shrunk covariance of all views' unit features [m, V, D], accumulated
-    a chunk of photos at a time in float64 (no float64 copy of every view)."""
-    photos, views, d = feats.shape
+def rows_of(feats: np.ndarray, rows: np.ndarray | None) -> Callable[[int, int], np.ndarray]:
+    """``take(i, j)``: photos i..j of ``feats[rows]`` without making ``feats[rows]`` (a fold's
+    photos are most of them: a copy of all their views would double train-head's features)."""
+    if rows is None:
+        return lambda i, j: feats[i:j]
+    return lambda i, j: feats[rows[i:j]]
+
+
+def fit_metric(feats: np.ndarray, labels: np.ndarray, n: int, shrinkage: float, rank: int,
+               rows: np.ndarray | None = None) -> Metric:
+    """Class means and shared shrunk covariance of all views' unit features [m, V, D] (of
+    ``feats[rows]`` when given; ``labels`` are theirs), accumulated a chunk of photos at a time in
+    float64 (no float64 copy of every view)."""
+    photos, views, d = (len(rows) if rows is not None else len(feats)), feats.shape[1], feats.shape[2]
+    take = rows_of(feats, rows)
     step = max(1, CHUNK // views)
     sums, counts = np.zeros((n, d)), np.zeros(n)
     for i in range(0, photos, step):
-        np.add.at(sums, labels[i : i + step], _unit(feats[i : i + step]).astype(np.float64).sum(1))
+        np.add.at(sums, labels[i : i + step], _unit(take(i, i + step)).astype(np.float64).sum(1))
         counts += np.bincount(labels[i : i + step], minlength=n) * views
     means = sums / counts[:, None]
 
     def centred(i: int) -> np.ndarray:
-        u = _unit(feats[i : i + step]).astype(np.float64)
+        u = _unit(take(i, i + step)).astype(np.float64)
         return (u - means[labels[i : i + step], None, :]).reshape(-1, d)
 
     m = photos * views

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .base import Base
-from .calibrate import Metric, fit_metric
+from .calibrate import Metric, fit_metric, rows_of
 from .head import Head
 from .progress import eta, progress
 from .world import Background
@@ -44,12 +44,20 @@ EVIDENCE = ("class_distance", "ranker", "world_distance", "base_confidence")
 # default of 100 was 2 GB of the 17 GB train-head peak.
 HISTORY = 10
 RANKER_CHUNK = 1024  # views a step in the ranker's loss: [chunk, classes] float64 stays a few MB
+POWER_CHUNK = 256  # photos a step in the power transform
 
 
-def power(feats: np.ndarray, p: float) -> np.ndarray:
-    """Tukey's power transform then unit length (p = 1: unit length only)."""
-    x = np.power(np.maximum(feats, 0.0), p) if p != 1 else feats
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+def power(feats: np.ndarray, p: float, rows: np.ndarray | None = None) -> np.ndarray:
+    """Tukey's power transform then unit length (p = 1: unit length only) of ``feats`` (or of
+    ``feats[rows]``), a chunk of photos at a time into one new array: the whole-array form held
+    three more copies of every feature at once."""
+    take, m = rows_of(feats, rows), len(feats) if rows is None else len(rows)
+    out = np.empty((m, *feats.shape[1:]), np.result_type(feats.dtype, np.float32))
+    for i in range(0, m, POWER_CHUNK):
+        x = take(i, i + POWER_CHUNK)
+        x = np.power(np.maximum(x, 0.0), p) if p != 1 else x
+        out[i : i + POWER_CHUNK] = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return out
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -58,16 +66,24 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def fit_ranker(t: np.ndarray, labels: np.ndarray, n: int, c: float, label: str,
-               start: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression on every view, 0.5 |W|^2 + c * sum CE, by L-BFGS (deterministic).
-    The objective is strictly convex, so ``start`` (the all-photos solution, for a fold) only
-    shortens the walk to the same optimum. The loss is summed a chunk of views at a time in
-    float64, so memory stays bounded by the chunk and the classes, not by the photos."""
-    d = t.shape[-1]
+               start: tuple[np.ndarray, np.ndarray] | None = None,
+               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on every view (of ``t[rows]`` when given; ``labels`` are
+    theirs), 0.5 |W|^2 + c * sum CE, by L-BFGS (deterministic). The objective is strictly convex,
+    so ``start`` (the all-photos solution, for a fold) only shortens the walk to the same optimum.
+    The loss is summed a chunk of views at a time in float64, so memory stays bounded by the chunk
+    and the classes, not by the photos."""
+    d, views = t.shape[-1], t.shape[1]
     if n == 1:
         return np.zeros((1, d), np.float32), np.zeros(1, np.float32)
-    x = t.reshape(-1, d)
-    y = torch.from_numpy(np.repeat(labels, t.shape[1])).long()
+    take = rows_of(t, rows)
+    total_views = len(labels) * views
+    y = torch.from_numpy(np.repeat(labels, views)).long()
+
+    def chunk(i: int) -> np.ndarray:  # views i .. i + RANKER_CHUNK of the photos' views in order
+        first = i // views
+        block = take(first, -(-(i + RANKER_CHUNK) // views)).reshape(-1, d)
+        return block[i - first * views : i - first * views + RANKER_CHUNK]
     w0, b0 = start if start is not None else (np.zeros((n, d)), np.zeros(n))
     w = torch.tensor(np.asarray(w0, np.float64), requires_grad=True)
     b = torch.tensor(np.asarray(b0, np.float64), requires_grad=True)
@@ -78,8 +94,8 @@ def fit_ranker(t: np.ndarray, labels: np.ndarray, n: int, c: float, label: str,
         reg = 0.5 * (w * w).sum()
         reg.backward()
         total = float(reg.detach())
-        for i in range(0, len(x), RANKER_CHUNK):
-            xc = torch.from_numpy(x[i : i + RANKER_CHUNK].astype(np.float64))
+        for i in range(0, total_views, RANKER_CHUNK):
+            xc = torch.from_numpy(chunk(i).astype(np.float64))
             part = c * torch.nn.functional.cross_entropy(xc @ w.T + b, y[i : i + RANKER_CHUNK], reduction="sum")
             part.backward()
             total += float(part.detach())
@@ -169,8 +185,9 @@ def _out_of_fold(t: np.ndarray, labels: np.ndarray, n: int, s: Any, rw: np.ndarr
             rest = held
         kept = np.unique(labels[rest])
         relabel = np.searchsorted(kept, labels[rest])
-        m = fit_metric(t[rest], relabel, len(kept), s.gate_shrinkage, s.gate_rank)
-        w, b = fit_ranker(t[rest], relabel, len(kept), s.ranker_c, f"{label} (fold {j + 1})", (rw[kept], rb[kept]))
+        rows = np.flatnonzero(rest)
+        m = fit_metric(t, relabel, len(kept), s.gate_shrinkage, s.gate_rank, rows)
+        w, b = fit_ranker(t, relabel, len(kept), s.ranker_c, f"{label} (fold {j + 1})", (rw[kept], rb[kept]), rows)
         d_oof[np.ix_(held, kept)] = m.distances(t[held, 0])
         r_oof[np.ix_(held, kept)] = t[held, 0] @ w.T + b
         for i in np.flatnonzero(held):
@@ -184,7 +201,7 @@ def _out_of_fold(t: np.ndarray, labels: np.ndarray, n: int, s: Any, rw: np.ndarr
     return d_oof, r_oof, avail
 
 
-def _against_world(fitted: Fitted, base: Base, feats: np.ndarray, t: np.ndarray, labels: np.ndarray, n: int,
+def _against_world(fitted: Fitted, base: Base, centre: np.ndarray, t: np.ndarray, labels: np.ndarray, n: int,
                    oof: tuple[np.ndarray, np.ndarray, np.ndarray], bg: Background, s: Any) -> dict[str, Any]:
     """Fit the world's Gaussian, then the evidence weights and offset of ``fitted`` against the
     background; the figures for the head's settings."""
@@ -197,7 +214,7 @@ def _against_world(fitted: Fitted, base: Base, feats: np.ndarray, t: np.ndarray,
         mj = fit_metric(tb[bf != j, None, :], np.zeros(int((bf != j).sum()), np.int64), 1, s.world_shrinkage, s.gate_rank)
         world_oof[bf == j] = mj.distances(tb[bf == j])[:, 0]
     fitted.world = world
-    conf_p = _log_softmax(feats[:, 0] @ base.weight.T + base.bias).max(1)
+    conf_p = _log_softmax(centre @ base.weight.T + base.bias).max(1)
     xp = _evidence(d_oof, r_oof, world.distances(t[:, 0])[:, 0], conf_p)
     xb = fitted.evidence(bg.features, world_oof)
     x = np.concatenate([xp, xb])
@@ -217,17 +234,21 @@ def _against_world(fitted: Fitted, base: Base, feats: np.ndarray, t: np.ndarray,
 
 
 def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: Any,
-                   background: Background | None, label: str = "training") -> Head:
-    """A ``calibrated`` head from training features [m, V, D] and the base's world (or None)."""
+                   background: Background | None, label: str = "training", rows: np.ndarray | None = None) -> Head:
+    """A ``calibrated`` head from training features [m, V, D] (``feats[rows]`` when given, read
+    without copying them all; ``labels`` are theirs) and the base's world (or None)."""
     n = len(classes)
-    p = s.tukey if feats.min() >= 0 and (background is None or background.features.min() >= 0) else 1.0
-    t = power(feats, p)
+    take, m = rows_of(feats, rows), len(labels)
+    low = min(float(take(i, i + 256).min()) for i in range(0, m, 256))
+    p = s.tukey if low >= 0 and (background is None or background.features.min() >= 0) else 1.0
+    t = power(feats, p, rows)
+    centre = feats[:, 0] if rows is None else feats[rows, 0]
     metric = fit_metric(t, labels, n, s.gate_shrinkage, s.gate_rank)
     rw, rb = fit_ranker(t, labels, n, s.ranker_c, label)
     oof = _out_of_fold(t, labels, n, s, rw, rb, label)
     fitted = Fitted(p, metric, None, rw, rb, np.zeros(4), 0.0, base.weight, base.bias)
     if background is not None and len(background) >= 20:
-        figures = _against_world(fitted, base, feats, t, labels, n, oof, background.without(feats[:, 0]), s)
+        figures = _against_world(fitted, base, centre, t, labels, n, oof, background.without(centre), s)
     else:  # no world to judge against: the gate of the positives alone (README: what this risks)
         own = oof[0][np.arange(len(labels)), labels]
         thr = float(np.quantile(own, 1 - s.gate_quantile))

@@ -100,6 +100,16 @@ def _train_head_options(t: argparse.ArgumentParser) -> None:
     t.set_defaults(func=cmd_train_head)
 
 
+def _eval_options(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder, or a store tag (extendserve-NAME:latest)")
+    e.add_argument("--new", help="class-per-folder photos of the new classes")
+    e.add_argument("--imagenet", help="photos named <synset>_<name>.JPEG")
+    e.add_argument("--report", metavar="FILE.html", help="also write a self-contained page: accuracy per class, a "
+                                                          "confusion matrix, thumbnails of the photos behind the mistakes")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+
 def parser() -> argparse.ArgumentParser:
     from . import __version__
     from .registry import DEFAULT_BACKBONE, names
@@ -140,12 +150,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser("eval", help="new-class accuracy, ImageNet photos stolen, ImageNet top-1")
-    e.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder, or a store tag (extendserve-NAME:latest)")
-    e.add_argument("--new", help="class-per-folder photos of the new classes")
-    e.add_argument("--imagenet", help="photos named <synset>_<name>.JPEG")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(func=cmd_eval)
+    _eval_options(sub.add_parser("eval", help="new-class accuracy, ImageNet photos stolen, ImageNet top-1"))
 
     d = sub.add_parser("demo", help="build the demo model (ImageNet + two people from PyPI sample photos)")
     d.add_argument("-o", "--output", default=DEFAULT_MODEL_DIR)

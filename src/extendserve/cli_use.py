@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from .cli_common import model_folder
@@ -45,8 +46,20 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import evaluate, render
 
-    res = evaluate(str(model_folder(a.model)[0]), new=a.new, imagenet=a.imagenet)
+    if a.report and Path(a.report).is_dir():
+        raise ExtendserveError(f"--report {a.report} is a folder; give a file name such as {Path(a.report) / 'report.html'}")
+    res = evaluate(str(model_folder(a.model)[0]), new=a.new, imagenet=a.imagenet, photos=bool(a.report))
+    if a.report:
+        from .report import write_report
+
+        try:
+            write_report(res, a.report)
+        except OSError as e:
+            raise ExtendserveError(f"--report {a.report}: cannot write it ({e.strerror}); choose another file") from None
+        res.pop("photos")
     print(json.dumps(res, indent=2) if a.json else render(res))
+    if a.report:
+        print(f"wrote {a.report} (open it in a browser)", file=sys.stderr if a.json else sys.stdout)
     return 0
 
 

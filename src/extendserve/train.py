@@ -89,11 +89,14 @@ def classifier(base: Base) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fit(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
         s: TrainSettings, label: str = "training", negatives: np.ndarray | None = None,
-        background: Background | None = None) -> Head:
-    """One head by ``s.method``; the merged model scores it as the method says. ``background``
-    (the base's world, :mod:`world`) is what the calibrated head is judged against."""
-    if s.method == "calibrated":
-        return fit_calibrated(base, feats, labels, classes, s, background, label)
+        background: Background | None = None, rows: np.ndarray | None = None) -> Head:
+    """One head by ``s.method`` on ``feats`` (or ``feats[rows]``; ``labels`` are theirs); the merged
+    model scores it as the method says. ``background`` (the base's world, :mod:`world`) is what the
+    calibrated head is judged against."""
+    if s.method == "calibrated":  # reads feats[rows] a chunk at a time
+        return fit_calibrated(base, feats, labels, classes, s, background, label, rows)
+    if rows is not None:
+        feats = feats[rows]
     common = dict(classes=list(classes), backbone=base.name, backbone_digest=base.digest,
                   settings=s.to_dict())
     if s.method == "joint":
@@ -146,7 +149,7 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
             half = len(order) // 2
             bg_fit = Background(background.features[order[:half]], background.source)
             bg_held = background.features[order[half:]]
-        probe = fit(base, feats[tr], labels[tr], classes, s, "training (held-out check)", negatives, bg_fit)
+        probe = fit(base, feats, labels[tr], classes, s, "training (held-out check)", negatives, bg_fit, rows=tr)
         report.heldout = heldout_accuracy(score_features(base, probe, feats[ho, 0]), labels[ho], classes)
         if bg_held is not None:
             report.heldout["background_taken"] = taken_share(base, probe, bg_held)
