@@ -10,6 +10,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -173,3 +174,20 @@ def prepare_file(path: str | os.PathLike[str], cfg: PreprocessConfig) -> np.ndar
 def prepare(data: bytes, cfg: PreprocessConfig, source: str = "image") -> np.ndarray:
     """Bytes -> [crop, crop, 3] uint8, exactly what ``model.onnx`` takes per photo."""
     return resize_crop(decode(data, source, cfg.resize), cfg)
+
+
+def prepare_image(image: Any, cfg: PreprocessConfig) -> np.ndarray:
+    """A PIL image, an H x W x 3 uint8 RGB array, photo bytes or a file path -> [crop, crop, 3]
+    uint8 as the model takes it: the Python API's one door, so a notebook cannot skip a step."""
+    if isinstance(image, (str, os.PathLike)):
+        return prepare_file(image, cfg)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return prepare(bytes(image), cfg)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise BadImageError(f"an array of {image.dtype} {image.shape}: give H x W x 3 uint8 RGB values 0-255 "
+                                "(np.asarray(pil_image.convert('RGB')))")
+        image = Image.fromarray(image, "RGB")
+    if not isinstance(image, Image.Image):
+        raise BadImageError(f"a {type(image).__name__}: give a PIL image, an H x W x 3 uint8 array, bytes or a path")
+    return resize_crop(_to_rgb(image), cfg)

@@ -227,6 +227,15 @@ class Model:
         c = self.preprocess.crop
         return (np.stack(arrays) if arrays else np.zeros((0, c, c, 3), np.uint8)), ok, errors
 
+    def predict(self, images: Sequence[Any], k: int = 5) -> list[list[Prediction]]:
+        """PIL images, H x W x 3 uint8 RGB arrays, photo bytes or paths -> each one's top ``k``,
+        best first; preprocessed as the model's manifest says (the Python API, for notebooks)."""
+        from .preprocess import prepare_image
+
+        if not len(images):
+            return []
+        return self.classify(np.stack([prepare_image(x, self.preprocess) for x in images]), k)
+
     def predict_files(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
         """One result per path, in order; an unreadable photo gets an ``error`` entry."""
         self.check_top_k(k)

@@ -1,0 +1,68 @@
+"""The Python API, for notebooks and scripts: the same commands as the command line, raising
+:class:`~extendserve.errors.ExtendserveError` with the command's message instead of exiting.
+
+    from extendserve.api import train_head, build
+    from extendserve.runtime import Model
+
+    train_head("celebs/", "celebs.pt")
+    build("models/celebs", new_heads=["celebs.pt"])          # also saved as extendserve-celebs
+    Model("models/celebs").predict([pil_image, array, "photo.jpg"], k=3)
+
+Options are the command line's, as keywords: ``epochs=50`` is ``--epochs 50``, ``no_store=True``
+is ``--no-store``, a list repeats an option.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import ExtendserveError
+
+
+def _argv(options: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            out.append(flag)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                out += [flag, os.fspath(v) if isinstance(v, os.PathLike) else str(v)]
+        else:
+            out += [flag, os.fspath(value) if isinstance(value, os.PathLike) else str(value)]
+    return out
+
+
+def run(command: str, *args: str | os.PathLike[str], **options: Any) -> int:
+    """Any ``extendserve`` command (``"train-head"``, ``"build"``, ``"eval"`` ...); its exit code
+    when it finishes (1: done, with something to report, as a rebuild that is not identical)."""
+    from .cli import parser
+
+    argv = [command, *map(os.fspath, args), *_argv(options)]
+    try:
+        parsed = parser().parse_args(argv)
+    except SystemExit:  # argparse has printed what is wrong
+        raise ExtendserveError(f"extendserve {' '.join(argv)}: not valid options (see the message above, or "
+                               f"extendserve {command} --help)") from None
+    return int(parsed.func(parsed))
+
+
+def train_head(data: str | os.PathLike[str], output: str | os.PathLike[str], **options: Any) -> Path:
+    """``extendserve train-head DATA -o OUTPUT``: a head for the class folders in ``data``."""
+    run("train-head", data, output=output, **options)
+    return Path(output)
+
+
+def build(output: str | os.PathLike[str], new_heads: Sequence[str | os.PathLike[str]] = (), **options: Any) -> Path:
+    """``extendserve build --new-head ... -o OUTPUT``: the merged, verified model folder (and,
+    unless ``no_store=True``, a version in BentoML's model store). ``from_model="extendserve-NAME:latest"``
+    adds ``new_heads`` to a built model; ``drop_head=["NAME"]`` removes one."""
+    if "from_model" in options:
+        options["from"] = options.pop("from_model")
+    run("build", output=output, new_head=list(new_heads), **options)
+    return Path(output)
