@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import bentoml
 import pytest
 
 from conftest import IMAGENET_SAMPLE, ROOT, bomb_png, header_only_jpeg, jpeg_bytes, synthetic_photo
@@ -596,3 +597,14 @@ def test_query_top_k_with_a_form_upload(server):
         fields = [("image", disc(), "x.jpg")] + ([("top_k", "3", None)] if words is None else [])
         status, body = server.post("/classify" + query, fields)
         assert status == 400 and (words or "give it once") in body["error"], (query, body)
+
+
+def test_bentoml_sync_http_client(server, tmp_path):
+    """The README's client example: BentoML's own client, methods named after the APIs."""
+    photo = tmp_path / "disc.jpg"
+    photo.write_bytes(disc())
+    with bentoml.SyncHTTPClient(server.url) as client:
+        one = client.classify(image=photo, top_k=2)
+        many = client.classify_batch(images=[photo, photo], top_k=1)
+    assert [p["label"] for p in one["predictions"]][:1] == ["red discs"] and len(one["predictions"]) == 2
+    assert [r["predictions"][0]["label"] for r in many] == ["red discs", "red discs"]
