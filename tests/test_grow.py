@@ -37,7 +37,7 @@ def test_a_class_is_added_to_a_stored_model_after_its_head_files_are_gone(synthe
     first.unlink()  # the user moved it away
     extra = renamed_head(synthetic_head, tmp_path / "extra.pt", "extra", "more")
     r = run_cli("build", "--from", "extendserve-grow:latest", "--new-head", str(extra), "-o", str(tmp_path / "m2"))
-    assert "kept shapes; added" in r.stdout
+    assert "kept shapes; added extra" in r.stdout
     grown = Model(tmp_path / "m2")
     base = Model(tmp_path / "m1")
     assert grown.labels == base.labels + [f"more {c}" for c in base.labels[1000:]]

@@ -48,7 +48,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         print(f"replaced {a.output}: {before.describe()} -> {manifest.describe()}")
     say_saved(saved)
     if rebuild is not None:
-        return rebuild.report(manifest, [h.name for h in kept], a.new_head or [], a.drop_head or [])
+        return rebuild.report(manifest, [h.name for h in kept], [h.name for h in heads[len(kept):]], a.drop_head or [])
     return 0
 
 
