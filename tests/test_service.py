@@ -16,8 +16,8 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import bentoml
+import numpy as np
 import pytest
 
 from conftest import IMAGENET_SAMPLE, ROOT, bomb_png, header_only_jpeg, jpeg_bytes, synthetic_photo
