@@ -15,6 +15,7 @@ import pytest
 from extendserve.errors import ExtendserveError
 from extendserve.head import load_head
 from extendserve.runtime import Model
+from extendserve.store import resolve
 
 from conftest import run_cli, synthetic_photo
 
@@ -72,27 +73,26 @@ def test_identical_rebuild_keeps_the_store_version(synthetic_head, tmp_path):
     assert len(versions("extendserve-twice")) == 2
 
 
-def test_predict_and_eval_take_a_store_tag(synthetic_head, synthetic_data, tmp_path):
-    run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "m"), "--name", "tagged")
+def test_predict_and_eval_take_a_store_tag(tmp_path):
+    """extendserve-twice (the test above) serves as the stored model."""
     photo = tmp_path / "p.jpg"
     synthetic_photo(0, 99).save(photo)
-    by_tag = run_cli("predict", "--model", "extendserve-tagged:latest", str(photo), "--json")
-    by_dir = run_cli("predict", "--model", str(tmp_path / "m"), str(photo), "--json")
+    by_tag = run_cli("predict", "--model", "extendserve-twice:latest", str(photo), "--json")
+    by_dir = run_cli("predict", "--model", str(resolve("extendserve-twice:latest")[1]), str(photo), "--json")
     assert json.loads(by_tag.stdout)[0]["predictions"] == json.loads(by_dir.stdout)[0]["predictions"]
-    r = run_cli("eval", "--model", "extendserve-tagged", "--new", str(synthetic_data), "--json")
-    assert json.loads(r.stdout)["new"]["photos"] > 0
+    (tmp_path / "imagenet").mkdir()
+    synthetic_photo(1, 5).save(tmp_path / "imagenet" / "n01440764_0.JPEG")
+    r = run_cli("eval", "--model", "extendserve-twice", "--imagenet", str(tmp_path / "imagenet"), "--json")
+    assert json.loads(r.stdout)["imagenet"]["photos"] == 1
     # a bare name is not guessed, but the hint names the tag meant, as a command that works
-    r = run_cli("predict", "--model", "tagged", str(photo), check=False)
-    assert r.returncode == 2 and "did you mean extendserve-tagged:latest" in r.stderr
+    r = run_cli("predict", "--model", "twice", str(photo), check=False)
+    assert r.returncode == 2 and "did you mean extendserve-twice:latest" in r.stderr
     r = run_cli("predict", "--model", "extendserve-missing:latest", str(photo), check=False)
     assert r.returncode == 2 and "extendserve build --new-head HEAD.pt -o models/missing" in r.stderr
 
 
-def test_a_missing_store_model_hint_names_the_tag_meant(synthetic_head, tmp_path):
-    """EXTENDSERVE_MODEL=celebs: the service's resolve names extendserve-celebs:latest."""
-    from extendserve.store import resolve
-
-    run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "m"), "--name", "celebs")
-    with pytest.raises(ExtendserveError, match="did you mean extendserve-celebs:latest"):
-        resolve("celebs")
-    assert resolve("extendserve-celebs:latest")[1].is_dir()
+def test_a_missing_store_model_hint_names_the_tag_meant():
+    """EXTENDSERVE_MODEL=twice: the service's resolve names extendserve-twice:latest."""
+    with pytest.raises(ExtendserveError, match="did you mean extendserve-twice:latest"):
+        resolve("twice")
+    assert resolve("extendserve-twice:latest")[1].is_dir()
