@@ -26,7 +26,9 @@ def bentoml(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> 
 
 
 def tag_of(stdout: str) -> str:
-    return re.search(r"saved to the BentoML model store as (extendserve-[\w.-]+:\w+)", stdout).group(1)
+    """The version a build saved, or kept (the store's latest was this model already)."""
+    return re.search(r"(?:saved to the BentoML model store as|the model store's latest) (extendserve-[\w.-]+:\w+)",
+                     stdout).group(1)
 
 
 @pytest.fixture(scope="module")
