@@ -112,6 +112,7 @@ def _eval_options(e: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .manifest import CPU_PRECISIONS
     from .registry import DEFAULT_BACKBONE, names
 
     style = {"allow_abbrev": False, "formatter_class": Formatter}  # --epoch is not taken for --epochs
@@ -131,7 +132,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=names(),
                    help="the built-in base the heads were trained on (extendserve backbones lists them)")
     b.add_argument("--force", action="store_true", help="build even if a head was trained on other weights")
-    b.add_argument("--cpu-precision", choices=("f32", "bf16"), default=None,
+    b.add_argument("--cpu-precision", choices=CPU_PRECISIONS, default=None,
                    help="bf16 lets OpenVINO serve the model in bf16 on CPUs that have it (AMX, AVX512_BF16): "
                         "faster there, but it changes some decisions; build reports how many (default f32, or "
                         "with --from the model's own)")

@@ -28,7 +28,6 @@ from .errors import ExtendserveError
 from .files import write_atomic
 
 ENGINES = ("auto", "onnxruntime", "openvino")
-PRECISIONS = ("f32", "bf16")
 CHECK_BATCH = 8
 
 

@@ -17,6 +17,7 @@ from .errors import ExtendserveError
 
 FORMAT = "extendserve-model"
 MODEL_FILES = ("model.onnx", "manifest.json")  # what serving reads
+CPU_PRECISIONS = ("f32", "bf16")  # what OpenVINO may serve a model in on the CPU (build --cpu-precision)
 HEADS_DIR = "heads"  # the new heads' own files, so a model is rebuilt (a head added or dropped) from itself
 BASE_HEAD_NAMES = ("imagenet", "base")  # the base's own block of outputs: a built-in backbone, a foreign base
 
@@ -123,7 +124,7 @@ class Manifest:
                 raise ExtendserveError(f"{where}: head {h.name!r} does not start where the previous one ends "
                                        f"(offset {h.offset}, expected {at}); rebuild the model")
             at += h.count
-        if m.cpu_precision not in ("f32", "bf16"):
+        if m.cpu_precision not in CPU_PRECISIONS:
             raise ExtendserveError(f"{where}: cpu_precision {m.cpu_precision!r} is not f32 or bf16; rebuild the model")
         if at != len(m.labels) or not m.heads:
             raise ExtendserveError(f"{where}: the heads cover {at} outputs but there are {len(m.labels)} labels; "

@@ -102,6 +102,8 @@ def _latest_if_same(name: str, manifest: Manifest) -> str | None:
     except (NotFound, ExtendserveError):
         return None
     same = have.model_sha256 == manifest.model_sha256 and have.cpu_precision == manifest.cpu_precision
+    # a version saved before heads travelled inside models cannot be grown from: save this one
+    same = same and (Path(latest.path_of(HEADS_DIR)).is_dir() or not manifest.new_heads)
     return str(latest.tag) if same else None
 
 
