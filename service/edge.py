@@ -180,14 +180,14 @@ def form_problem(body: bytes, content_type: bytes, path: str) -> str | None:
     fields = FORM_FIELDS[path]
     photo = next(f for f, is_file in fields.items() if is_file)
     hint = f"send the photo as the multipart field '{photo}' (curl -F {photo}=@photo.jpg)"
-    m = re.search(rb'boundary="?([^";]+)"?', content_type)
-    if not m:
+    boundary = boundary_of(content_type)
+    if not boundary:
         return f"the multipart body has no boundary; {hint}"
-    if len(m.group(1)) > MAX_BOUNDARY:
-        return (f"the multipart boundary is {len(m.group(1))} characters long, over the {MAX_BOUNDARY} that "
+    if len(boundary) > MAX_BOUNDARY:
+        return (f"the multipart boundary is {len(boundary)} characters long, over the {MAX_BOUNDARY} that "
                 f"RFC 2046 allows; {hint}")
     seen: list[str] = []
-    for part in body.split(b"--" + m.group(1))[1:]:
+    for part in body.split(b"--" + boundary)[1:]:
         if part.startswith(b"--"):
             break  # the closing delimiter
         head, sep, value = part.lstrip(b"\r\n").partition(b"\r\n\r\n")
@@ -212,6 +212,12 @@ def form_problem(body: bytes, content_type: bytes, path: str) -> str | None:
     return None
 
 
+def boundary_of(content_type: bytes) -> bytes | None:
+    """A multipart Content-Type's boundary, or None."""
+    m = re.search(rb'boundary="?([^";]+)"?', content_type)
+    return m.group(1) if m else None
+
+
 def query_top_k(scope: Any) -> str | None:
     """``?top_k=`` as sent (the last one), or None."""
     from urllib.parse import parse_qs
@@ -228,7 +234,7 @@ def query_top_k_into_form(body: bytes, content_type: bytes, scope: Any) -> tuple
     if k is None:
         return body, scope
     strict_int(k)
-    boundary = re.search(rb'boundary="?([^";]+)"?', content_type).group(1)  # type: ignore[union-attr]
+    boundary = boundary_of(content_type) or b""  # form_problem has refused a form without one
     in_form = re.search(rb'name="top_k"\r\n\r\n([^\r]*)\r\n', body)
     if in_form:
         if in_form.group(1).strip() != k.strip().encode():

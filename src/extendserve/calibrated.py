@@ -239,7 +239,7 @@ def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
     without copying them all; ``labels`` are theirs) and the base's world (or None)."""
     n = len(classes)
     take, m = rows_of(feats, rows), len(labels)
-    low = min(float(take(i, i + 256).min()) for i in range(0, m, 256))
+    low = min(float(take(i, i + POWER_CHUNK).min()) for i in range(0, m, POWER_CHUNK))
     p = s.tukey if low >= 0 and (background is None or background.features.min() >= 0) else 1.0
     t = power(feats, p, rows)
     centre = feats[:, 0] if rows is None else feats[rows, 0]

@@ -56,7 +56,11 @@ def _load_head(path: str, classes: str | None, base: Any, force: bool) -> Any:
     """A head file, checked against the base it is built on."""
     from .head import load_head
 
-    h = load_head(path, classes, backbone=base.name)
+    return _fits(load_head(path, classes, backbone=base.name), base, force)
+
+
+def _fits(h: Any, base: Any, force: bool) -> Any:
+    """``h``, checked against the base it is built on: features, weights, preprocessing, labels."""
     h.check_fits(base.name, base.feature_dim, base.digest, force=force)
     h.check_identity(base.identity())
     return h
@@ -103,9 +107,7 @@ class Rebuild:
                 raise ExtendserveError(f"{path} changed since {self.given} was built (its digest differs); restore "
                                        "that head file, or build afresh with --new-head")
             h.source, h.name = entry.source, entry.name  # as recorded, so an unchanged rebuild is byte-identical
-            h.check_fits(base.name, base.feature_dim, base.digest, force=force)
-            h.check_identity(base.identity())
-            kept.append(h)
+            kept.append(_fits(h, base, force))
         return kept
 
     def report(self, built: Manifest, kept: list[str], added: list[str], dropped: list[str]) -> int:

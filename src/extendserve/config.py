@@ -17,6 +17,7 @@ def cache_root() -> Path:
 
 
 PIXEL_UNITS = "0-255"
+UNIT_SCALE = {"0-1": 255.0, "0-255": 1.0}  # mean/std units -> the factor to pixel units
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
-        scale = 255.0 if d.get("units") == "0-1" else 1.0  # written without units: 0-255, as always
+        scale = UNIT_SCALE[d.get("units", PIXEL_UNITS)]  # written without units: 0-255, as always
         return cls(
             resize=int(d["resize"]),
             crop=int(d["crop"]),

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .config import PreprocessConfig
+from .config import UNIT_SCALE, PreprocessConfig
 from .errors import ExtendserveError
 from .names import read_names
 
@@ -138,10 +138,10 @@ def preprocess_config(given: Any, size: int | None, where: str) -> PreprocessCon
             raise ExtendserveError(f"{where}: expected keys {sorted(TORCHVISION)} and units, found {sorted(unknown)}")
         d |= given
     units = d.pop("units", "0-1")
-    if units not in ("0-1", "0-255"):
+    if units not in UNIT_SCALE:
         raise ExtendserveError(f"{where}: units must be \"0-1\" (torchvision's mean and std) or \"0-255\" (pixel values)")
     try:
-        scale = 255.0 if units == "0-1" else 1.0
+        scale = UNIT_SCALE[units]
         mean = [float(v) * scale for v in d["mean"]]
         std = [float(v) * scale for v in d["std"]]
         cfg = PreprocessConfig(resize=int(d["resize"]), crop=int(d["crop"]), interpolation=str(d["interpolation"]),
