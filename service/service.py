@@ -9,6 +9,7 @@ process, so a bad one stops the whole service at once with the fix (see extendse
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -59,6 +60,34 @@ except (ExtendserveError, OSError) as e:
     _stop(str(e))
 
 
+# The CPU engine is chosen once, here in the main process, and handed to every worker through the
+# environment they inherit: two workers measuring for themselves once chose two engines for one
+# model (a difference of noise), and one photo's score then depended on the worker that answered.
+ENGINE_CHOICE = "EXTENDSERVE_ENGINE_CHOICE"
+
+
+def _engine_choice() -> dict[str, Any] | None:
+    if S.engine != "auto":
+        return None
+    key = f"{MODEL_DIR}|{S.device}|{S.threads}"
+    try:
+        got = json.loads(os.environ.get(ENGINE_CHOICE, "null"))
+        if isinstance(got, dict) and got.get("for") == key and isinstance(got.get("report"), dict):
+            return got["report"]  # a worker: the main process chose
+    except ValueError:
+        pass
+    report = Model(MODEL_DIR, device=S.device, threads=S.threads, engine="auto").engine_report
+    report = report | {"chosen": f"once at start, for all {S.workers} worker(s)"}
+    os.environ[ENGINE_CHOICE] = json.dumps({"for": key, "report": report})
+    return report
+
+
+try:
+    ENGINE_REPORT = _engine_choice()
+except (ExtendserveError, OSError) as e:
+    _stop(str(e))
+
+
 # A FastAPI app, so that BentoML puts /info and /ui into the service's OpenAPI spec beside its APIs.
 pages = FastAPI(title="extendserve pages")
 
@@ -82,7 +111,7 @@ class Classifier:
 
     def __init__(self) -> None:
         try:
-            self.model = Model(MODEL_DIR, device=S.device, threads=S.threads, engine=S.engine)
+            self.model = Model(MODEL_DIR, device=S.device, threads=S.threads, engine=S.engine, decided=ENGINE_REPORT)
         except ExtendserveError as e:
             # A worker that cannot load the model checked at start-up (CUDA missing, say) ends the
             # whole service rather than being restarted in a loop while the port stays open.
@@ -93,7 +122,7 @@ class Classifier:
         log.setLevel(logging.INFO)
         log.info("extendserve: serving %s (pinned copy %s) on %s with %s (providers: %s)", MODEL_TAG or MODEL_SOURCE,
                     MODEL_DIR, self.model.device.upper(), self.model.engine.name,
-                    ", ".join(self.model.session.get_providers()))
+                    ", ".join(self.model.providers))
         self.model.warm_up((1, 8, S.max_batch))  # grow memory arenas to the largest batch now
         # An in-process batcher rather than @bentoml.api(batchable=True): a batchable API takes exactly
         # one argument ("Batch inference function only accept one argument", BentoML 1.4's
@@ -124,7 +153,7 @@ class Classifier:
             "model_dir": str(MODEL_SOURCE),
             "pinned_copy": str(self.model.dir),
             "device": self.model.device,
-            "providers": self.model.session.get_providers(),
+            "providers": self.model.providers,
             "batching": self.batcher.stats(),
             "engine": self.model.engine_report,
             "versions": {"extendserve": __version__, "onnxruntime": onnxruntime.__version__,

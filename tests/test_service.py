@@ -197,17 +197,49 @@ def test_info_and_bentoml_endpoints(server):
     status, raw = server.get("/info")
     info = json.loads(raw)
     assert status == 200 and len(info["labels"]) == 1002 and info["heads"][1]["name"] == "shapes"
-    assert info["device"] in ("cpu", "cuda") and "CPUExecutionProvider" in info["providers"]
+    assert info["device"] in ("cpu", "cuda")
     assert info["verification"]["passed"] and info["preprocess"]["crop"] == 224
     assert {"onnxruntime", "bentoml", "extendserve"} <= set(info["versions"])
     engine = info["engine"]  # this server chooses (EXTENDSERVE_ENGINE=auto), the faster with the same decisions
     assert engine["engine"] in ("onnxruntime", "openvino") and engine.get("top1_differ", 0) == 0
-    if "photos_per_s" in engine:
-        assert engine["engine"] == max(engine["photos_per_s"], key=engine["photos_per_s"].get)
+    assert_one_story(info)
     # No server paths (training folders, head files, the store, the pinned copy) to any client.
     assert '"/' not in raw.decode() and info["model_dir"] is None and info["pinned_copy"] is None
     for path in ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json"):
         assert server.get(path)[0] == 200
+
+
+def assert_one_story(info: dict) -> None:
+    """/info's engine, providers and measurement agree: OpenVINO serves only where it measured
+    faster by more than the margin it states; onnxruntime's providers only where onnxruntime serves."""
+    engine = info["engine"]
+    if engine["engine"] == "openvino":
+        assert info["providers"] == ["OpenVINO CPU"]
+    else:
+        assert "CPUExecutionProvider" in info["providers"] or "CUDAExecutionProvider" in info["providers"]
+    if "photos_per_s" in engine:
+        rates = engine["photos_per_s"]
+        gain = rates["openvino"] / rates["onnxruntime"] - 1
+        assert (engine["engine"] == "openvino") == (gain > max(0.05, engine["spread"]))
+
+
+def test_workers_of_one_service_serve_with_one_engine(built_model, tmp_path):
+    """Two workers, the engine chosen by measurement: chosen once, in the main process, so every
+    answer (and every /info) comes from the same engine, and /info does not contradict itself."""
+    s = Server(built_model, tmp_path, EXTENDSERVE_WORKERS="2", EXTENDSERVE_ENGINE="auto")
+    try:
+        assert len(s.workers()) >= 2
+        reports, scores = set(), set()
+        for _ in range(16):  # new connections: both workers answer
+            info = json.loads(s.get("/info")[1])
+            assert_one_story(info)
+            assert "once at start" in info["engine"]["chosen"]
+            reports.add(json.dumps(info["engine"], sort_keys=True))
+            status, body = s.post("/classify", [("image", disc(), "disc.jpg")])
+            scores.add(body["predictions"][0]["score"])
+        assert len(reports) == 1 and len(scores) == 1
+    finally:
+        s.stop()
 
 
 def test_a_phone_sized_jpeg_is_classified(server):

@@ -131,3 +131,23 @@ def test_a_head_that_takes_the_world_is_reported(tmp_path):
 
     meta = json.loads((tmp_path / "m" / "manifest.json").read_text())["heads"][1]
     assert meta["background_taken"] > 0.01 and meta["heldout"]["background_taken"] > 0.01
+
+
+def test_classes_made_of_the_background_photos_train_with_a_warning(base):
+    """Classes whose photos are the shipped background's own (ImageNet sample photos as one-photo
+    classes): every background photo is a near-copy of a training photo, so the head trains with
+    none and says so, rather than failing on an empty background."""
+    bg = shipped_background(base)
+    n = 60
+    feats = np.repeat(bg.features[:n, None, :], 2, axis=1)  # two identical views a photo
+    head, report = train_head(base, feats, np.arange(n), [f"c{i}" for i in range(n)], TrainSettings(holdout=0),
+                              background=bg_of(bg, n))
+    assert head.settings["background"] is None and len(head.classes) == n
+    assert report.warnings and "near-copies of your training photos" in report.warnings[0]
+    assert "--negatives" in report.warnings[0]
+
+
+def bg_of(bg, n: int):
+    from extendserve.world import Background
+
+    return Background(bg.features[:n], bg.source)  # only copies of the training photos: none left to judge by

@@ -37,7 +37,7 @@ from .base import Base
 from .calibrate import Metric, fit_metric, rows_of
 from .head import Head
 from .progress import eta, progress
-from .world import Background
+from .world import MIN_BACKGROUND, Background
 
 EVIDENCE = ("class_distance", "ranker", "world_distance", "base_confidence")
 # L-BFGS keeps HISTORY pairs of parameter-sized vectors: at 1000 classes x 1280 features, torch's
@@ -239,6 +239,10 @@ def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
     without copying them all; ``labels`` are theirs) and the base's world (or None)."""
     n = len(classes)
     take, m = rows_of(feats, rows), len(labels)
+    if background is not None:  # near-copies of a training photo do not judge it
+        background = background.without(feats[:, 0] if rows is None else feats[rows, 0])
+        if len(background) < MIN_BACKGROUND:
+            background = None
     low = min(float(take(i, i + POWER_CHUNK).min()) for i in range(0, m, POWER_CHUNK))
     p = s.tukey if low >= 0 and (background is None or background.features.min() >= 0) else 1.0
     t = power(feats, p, rows)
@@ -247,8 +251,8 @@ def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
     rw, rb = fit_ranker(t, labels, n, s.ranker_c, label)
     oof = _out_of_fold(t, labels, n, s, rw, rb, label)
     fitted = Fitted(p, metric, None, rw, rb, np.zeros(4), 0.0, base.weight, base.bias)
-    if background is not None and len(background) >= 20:
-        figures = _against_world(fitted, base, centre, t, labels, n, oof, background.without(centre), s)
+    if background is not None:
+        figures = _against_world(fitted, base, centre, t, labels, n, oof, background, s)
     else:  # no world to judge against: the gate of the positives alone (README: what this risks)
         own = oof[0][np.arange(len(labels)), labels]
         thr = float(np.quantile(own, 1 - s.gate_quantile))

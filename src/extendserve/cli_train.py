@@ -49,6 +49,8 @@ def _print_report(report: Any, classes: int, seed: int) -> None:
     else:
         print("held-out accuracy: not measured (needs at least 5 photos in every class)")
     warn_if_takes_world(report.heldout.get("background_taken") if report.heldout else None, "held-out")
+    for w in report.warnings:
+        err(f"WARNING: {w}")
 
 
 def cmd_train_head(a: argparse.Namespace) -> int:

@@ -1,10 +1,13 @@
 """Which engine runs a built model on the CPU: onnxruntime, or OpenVINO where it is installed,
-measures faster for this model on this CPU, and gives the same top-1 decisions. No torch here.
+measures faster for this model on this CPU by more than the noise, and gives the same top-1
+decisions. No torch here.
 
-Chosen when a model is loaded (``EXTENDSERVE_ENGINE=auto``, the service's default): both run the
-same ``model.onnx`` on a fixed set of inputs, any top-1 that differs keeps onnxruntime, then each is
-timed at batch 8, alternately, and the faster one serves. The measurement is kept in the cache per
-model and CPU, so a restart re-checks the decisions (cheap) but not the speed. OpenVINO runs in
+Chosen once, when a model is loaded (``EXTENDSERVE_ENGINE=auto``, the service's default): both run
+the same ``model.onnx`` on a fixed set of inputs, any top-1 that differs keeps onnxruntime, then each
+is timed at batch 8 in alternating trials, and OpenVINO serves only if it is faster by more than the
+trials' own spread (and at least ``MIN_GAIN``). Nothing is read back from a cache: a file another
+process planted cannot pick the engine, and a service chooses in its main process and hands the
+choice to its workers (``decided``), so one model on one machine has one engine. OpenVINO runs in
 f32 (``INFERENCE_PRECISION_HINT``): its default on CPUs with AMX is bf16, which flipped 5 of 293
 real photos' top-1 when measured. bf16 only where the model was built with ``--cpu-precision bf16``
 (build reports the decisions it changes; a CPU without bf16 runs f32 anyway, and says so).
@@ -13,9 +16,6 @@ real photos' top-1 when measured. bf16 only where the model was built with ``--c
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -23,12 +23,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .config import cache_root
 from .errors import ExtendserveError
-from .files import write_atomic
 
 ENGINES = ("auto", "onnxruntime", "openvino")
 CHECK_BATCH = 8
+MIN_GAIN = 0.05  # OpenVINO must be at least this much faster (and beyond the trials' spread) to serve
+TRIALS = 3  # alternating timing trials per engine
 
 
 class Engine(Protocol):
@@ -59,8 +59,9 @@ class OpenVinoEngine:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
         # what it runs in, not what was asked: a CPU without bf16 instructions keeps f32
-        self.precision = "bf16" if "bf16" in str(self.compiled.get_property("INFERENCE_PRECISION_HINT")) else "f32"
-        self.names = [o.get_any_name() for o in self.compiled.outputs]
+        self.precision = precision_name(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        # every name of each output: a tensor may carry several (a plain model's logits is also base_logits)
+        self.names = [set(o.get_names()) for o in self.compiled.outputs]
         self._local = threading.local()  # an infer request per thread: they are not shared safely
 
     def run(self, outputs: list[str], pixels: np.ndarray) -> list[np.ndarray]:
@@ -68,7 +69,20 @@ class OpenVinoEngine:
         if req is None:
             req = self._local.request = self.compiled.create_infer_request()
         req.infer({0: np.ascontiguousarray(pixels)})
-        return [np.array(req.get_output_tensor(self.names.index(o)).data) for o in outputs]
+        return [np.array(req.get_output_tensor(self._index(o)).data) for o in outputs]
+
+    def _index(self, output: str) -> int:
+        for i, names in enumerate(self.names):
+            if output in names:
+                return i
+        raise ExtendserveError(f"the model has no output {output!r}; rebuild it with this extendserve")
+
+
+def precision_name(hint: Any) -> str:
+    """OpenVINO's precision hint as ``bf16`` or ``f32``: it answers with a type (``<Type:
+    'bfloat16'>``, ``bf16`` from ``get_type_name``), not the string it was given."""
+    text = str(getattr(hint, "get_type_name", lambda: hint)()).lower() + " " + str(hint).lower()
+    return "bf16" if "bf16" in text or "bfloat16" in text else "f32"
 
 
 def check_inputs(size: int, n: int = 24, seed: int = 0) -> np.ndarray:
@@ -122,13 +136,20 @@ def precision_changes(model_path: Path, pixels: np.ndarray, want: np.ndarray, pr
             "cpu": cpu_model()}
 
 
-def choose(ort_engine: OrtEngine, model_path: Path, sha256: str, size: int, wanted: str = "auto",
-           threads: int | None = None, precision: str = "f32") -> tuple[Engine, dict[str, Any]]:
+def choose(ort_engine: OrtEngine, model_path: Path, size: int, wanted: str = "auto",
+           threads: int | None = None, precision: str = "f32",
+           decided: dict[str, Any] | None = None) -> tuple[Engine, dict[str, Any]]:
     """The CPU engine for this model, and what was checked and measured to pick it. With
     ``precision="bf16"`` (the model's builder asked for it) OpenVINO may change decisions: they are
-    counted and shown, not refused; the faster engine still serves."""
+    counted and shown, not refused; the faster engine still serves. ``decided``: the report of a
+    choice already made for this model on this machine (the service's main process): that engine
+    serves, nothing is measured again."""
     if wanted not in ENGINES:
         raise ExtendserveError(f"EXTENDSERVE_ENGINE={wanted!r} is not valid; give one of {', '.join(ENGINES)}")
+    if decided is not None:
+        if decided.get("engine") == "openvino":
+            return OpenVinoEngine(model_path, threads, precision), decided
+        return ort_engine, decided
     if wanted == "onnxruntime":
         return ort_engine, {"engine": "onnxruntime", "why": "EXTENDSERVE_ENGINE=onnxruntime"}
     try:
@@ -154,29 +175,23 @@ def choose(ort_engine: OrtEngine, model_path: Path, sha256: str, size: int, want
         return ort_engine, report | {"engine": "onnxruntime", "why": "OpenVINO's top-1 differed"}
     if wanted == "openvino":
         return ov_engine, report | {"engine": "openvino", "why": "EXTENDSERVE_ENGINE=openvino"}
-    rates = _measured(ort_engine, ov_engine, x[:CHECK_BATCH], f"{sha256}|{ov_engine.precision}", threads)
-    faster = ov_engine if rates["openvino"] > rates["onnxruntime"] else ort_engine
-    return faster, report | {"engine": faster.name, "photos_per_s": rates,
-                             "why": f"faster here at batch {CHECK_BATCH} (measured once per model and CPU)"}
+    rates, spread = measure(ort_engine, ov_engine, x[:CHECK_BATCH])
+    need = max(MIN_GAIN, spread)
+    gain = rates["openvino"] / rates["onnxruntime"] - 1
+    faster = ov_engine if gain > need else ort_engine
+    why = (f"OpenVINO measured {gain:+.0%} against onnxruntime at batch {CHECK_BATCH}, "
+           + ("more" if faster is ov_engine else "not more") + f" than the {need:.0%} it must gain "
+           f"(the trials' spread, at least {MIN_GAIN:.0%})")
+    return faster, report | {"engine": faster.name, "photos_per_s": rates, "spread": spread, "why": why}
 
 
-def _measured(ort_engine: OrtEngine, ov_engine: OpenVinoEngine, x: np.ndarray, sha256: str,
-              threads: int | None) -> dict[str, float]:
-    """photos/s of each engine, alternating, best of two; kept in the cache per model, CPU and threads."""
-    key = hashlib.sha256(f"{sha256}|{cpu_model()}|{os.cpu_count()}|{threads}".encode()).hexdigest()[:24]
-    path = cache_root() / "engines" / f"{key}.json"
-    try:
-        got = json.loads(path.read_text())
-        return {"onnxruntime": float(got["onnxruntime"]), "openvino": float(got["openvino"])}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    rates = {"onnxruntime": 0.0, "openvino": 0.0}
-    for _ in range(2):
+def measure(ort_engine: Engine, ov_engine: Engine, x: np.ndarray) -> tuple[dict[str, float], float]:
+    """Median photos/s of each engine over alternating trials, and the trials' relative spread
+    (the larger of the two engines' (max - min) / median): the noise a winner must beat."""
+    trials: dict[str, list[float]] = {ort_engine.name: [], ov_engine.name: []}
+    for _ in range(TRIALS):
         for e in (ort_engine, ov_engine):
-            rates[e.name] = max(rates[e.name], _rate(e, x))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(rates).encode())
-    except OSError:
-        pass  # a read-only cache: measured again next time
-    return rates
+            trials[e.name].append(_rate(e, x, 0.4))
+    rates = {k: float(np.median(v)) for k, v in trials.items()}
+    spread = max((max(v) - min(v)) / max(np.median(v), 1e-9) for v in trials.values())
+    return rates, float(spread)

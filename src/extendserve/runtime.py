@@ -130,9 +130,10 @@ class Model:
     when loaded (sha256, label count = output width), so a mismatched pair fails at start-up."""
 
     def __init__(self, directory: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
-                 engine: str = "onnxruntime"):
+                 engine: str = "onnxruntime", decided: dict[str, Any] | None = None):
         """``engine``: on the CPU, ``auto`` picks OpenVINO where it measures faster with the same
-        decisions (see :mod:`engines`), ``onnxruntime`` or ``openvino`` force one."""
+        decisions (see :mod:`engines`), ``onnxruntime`` or ``openvino`` force one; ``decided``: the
+        report of a choice already made for this model on this machine, taken as it is."""
         self.dir = Path(directory)
         self.manifest, data = read_model_dir(self.dir)
         self.labels: list[str] = list(self.manifest.labels)
@@ -152,9 +153,15 @@ class Model:
         self.engine: Engine = OrtEngine(self.session, self.input_name)
         self.engine_report: dict[str, Any] = {"engine": "onnxruntime", "why": "CUDA: onnxruntime-gpu"}
         if self.device == "cpu":
-            self.engine, self.engine_report = choose(self.engine, self.dir / "model.onnx", self.manifest.model_sha256,
-                                                     self.preprocess.crop, engine, threads,
-                                                     self.manifest.cpu_precision)
+            self.engine, self.engine_report = choose(self.engine, self.dir / "model.onnx", self.preprocess.crop,
+                                                     engine, threads, self.manifest.cpu_precision, decided)
+
+    @property
+    def providers(self) -> list[str]:
+        """What really runs the model: onnxruntime's providers, or OpenVINO's CPU plugin."""
+        if self.engine.name == "openvino":
+            return ["OpenVINO CPU"]
+        return list(self.session.get_providers())
 
     def warm_up(self, batches: Sequence[int] = (1, 8)) -> None:
         """Run the shapes serving will see once, so the first real request pays no set-up

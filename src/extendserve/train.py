@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ from .errors import ExtendserveError
 from .fit import fit_joint, fit_softmax
 from .head import Head
 from .scoring import merged_logits, scorer
-from .world import Background
+from .world import MIN_BACKGROUND, Background
 
 
 @dataclass
@@ -54,6 +54,7 @@ class TrainReport:
     counts: dict[str, int]
     heldout: dict[str, Any] | None = None
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # printed by train-head as WARNING lines
 
 
 def split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -139,7 +140,16 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
         raise ExtendserveError(f"no readable photos for class(es) {missing}; add photos or remove the folder")
     report = TrainReport(counts=counts)
     if background is not None:  # a class trained on background photos is not judged on those photos
-        background = background.without(feats[:, 0])
+        kept = background.without(feats[:, 0])
+        if len(kept) < MIN_BACKGROUND:
+            report.warnings.append(
+                f"{len(background) - len(kept)} of the {len(background)} background photos ({background.source}) are "
+                f"near-copies of your training photos, leaving {len(kept)}: too few to judge the head against, so it "
+                "was trained with no background (its gate comes from your photos alone and it may take photos of "
+                "other kinds). Give photos of everyday things that are none of your classes with --negatives DIR")
+            background = None
+        else:
+            background = kept
     parts = split(labels, s.holdout, s.seed)
     if parts is not None:
         tr, ho = parts

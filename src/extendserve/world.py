@@ -18,6 +18,8 @@ import numpy as np
 from .base import Base
 from .errors import ExtendserveError
 
+MIN_BACKGROUND = 20  # fewer photos than this cannot judge a head: it is fitted as if there were none
+
 
 @dataclass
 class Background:
