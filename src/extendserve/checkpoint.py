@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import HeadFileError
-from .files import FileReadError, read_regular_file
+from .files import FileReadError, TooComplexError, check_plain, read_regular_file
 
 MAX_HEAD_BYTES = 2 * 1024**3
 # What a file's tensors may unpack to: a zip entry's size is read from the zip directory before
@@ -54,7 +54,7 @@ def safe_load(path: Path, what: str = "head file") -> Any:
     if magic == b"PK\x03\x04":
         _check_unpacked_size(data, path, what)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise HeadFileError(
             f"{path}: refused: the file holds pickled Python objects other than tensors and plain "
@@ -67,6 +67,11 @@ def safe_load(path: Path, what: str = "head file") -> Any:
             f"{path}: not a readable PyTorch file, it is corrupt or truncated "
             f"({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
         ) from None
+    try:  # before anything walks, copies or writes it out: bounded as a tree, shared parts counted each time
+        check_plain(obj, str(path), leaf=lambda v: isinstance(v, torch.Tensor))
+    except TooComplexError as e:
+        raise HeadFileError(str(e)) from None
+    return obj
 
 
 def _check_unpacked_size(data: bytes, path: Path, what: str) -> None:

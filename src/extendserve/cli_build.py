@@ -12,11 +12,11 @@ from typing import Any
 from .cli_common import PREFIX, base_from_args, model_folder, say_saved, store_name_for, warn_if_takes_world, weights_settings
 from .errors import ExtendserveError
 from .manifest import Manifest
+from .store import store_name
 
 
 def cmd_build(a: argparse.Namespace) -> int:
-    from .build import build_model
-    from .publish import output_dir, publish
+    from .publish import build_lock, output_dir
 
     rebuild = model_to_rebuild(a) if a.from_model else None
     if a.drop_head and rebuild is None:
@@ -25,8 +25,16 @@ def cmd_build(a: argparse.Namespace) -> int:
         raise ExtendserveError("give the model folder to write with -o DIR (for example -o models/celebs); build "
                                "never writes a default folder, so the demo in models/default is not replaced by accident")
     out = output_dir(a.output)  # refused now, before any work, if it is not a folder a build may replace
-    before = out.previous()
     name = store_name_for(a)
+    with build_lock(out, None if name is None else store_name(name)):  # one build at a time into a folder or name
+        return _build(a, out, name, rebuild)
+
+
+def _build(a: argparse.Namespace, out: Any, name: str | None, rebuild: Rebuild | None) -> int:
+    from .build import build_model
+    from .publish import publish
+
+    before = out.previous()
     classes = a.classes or []
     if classes and len(classes) != len(a.new_head or []):
         raise ExtendserveError("give one --classes FILE per --new-head, in the same order (or none)")
@@ -88,27 +96,35 @@ class Rebuild:
             if entry.name in self.drop:
                 continue
             if entry.file:
-                path = (self.folder / entry.file).resolve()
-                if self.folder.resolve() not in path.parents:
-                    raise ExtendserveError(f"{self.given}: head file {entry.file!r} lies outside the model folder; "
-                                           "rebuild that model from its head files with --new-head")
+                path = self._inside(Path(entry.file), entry.name)
                 if not path.is_file():
                     raise ExtendserveError(f"{self.given}: the model's head file {entry.file} is missing; restore the "
                                            "model folder, or give the head files again with --new-head")
                 h = load_head(path, backbone=base.name)
-            else:  # built before heads travelled inside models: the files it was built from
+            else:  # built before heads travelled inside models: only a recorded file inside the model is read
                 try:
                     path, cls = Path(recorded["new_head"][i]), (recorded.get("classes") or [None] * (i + 1))[i]
                 except (KeyError, IndexError, TypeError):
                     raise ExtendserveError(f"{self.given}: head {entry.name!r} has no file inside the model and none "
                                            "recorded; give it again with --new-head") from None
+                path = self._inside(path, entry.name)
+                cls = None if cls is None else self._inside(Path(str(cls)), entry.name)
                 h = load_head(path, cls, backbone=base.name)
-            if h.digest() != entry.digest:
+            if entry.digest not in (h.digest(), h.legacy_digest()):
                 raise ExtendserveError(f"{path} changed since {self.given} was built (its digest differs); restore "
                                        "that head file, or build afresh with --new-head")
             h.source, h.name = entry.source, entry.name  # as recorded, so an unchanged rebuild is byte-identical
             kept.append(_fits(h, base, force))
         return kept
+
+    def _inside(self, path: Path, head: str) -> Path:
+        """``path`` (relative to the model folder) if it lies inside the model: a manifest is
+        untrusted and may name any file on the machine; nothing outside the model is read."""
+        resolved = (self.folder / path).resolve()
+        if self.folder.resolve() not in resolved.parents:
+            raise ExtendserveError(f"{self.given}: head {head!r} names a file outside the model folder ({path.name}), "
+                                   "which is not read; give that head again with --new-head FILE")
+        return resolved
 
     def report(self, built: Manifest, kept: list[str], added: list[str], dropped: list[str]) -> int:
         """What the rebuild changed; an unchanged rebuild must be byte-identical (exit 1 if not)."""
@@ -190,11 +206,12 @@ def demo_pixels(cfg: Any) -> list[Any]:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import build_demo
-    from .publish import output_dir, publish
+    from .publish import build_lock, output_dir, publish
 
     out = output_dir(a.output)
     name = store_name_for(a)
-    tag = publish(build_demo(), out, name)
+    with build_lock(out, None if name is None else store_name(name)):
+        tag = publish(build_demo(), out, name)
     print(f"built the demo model in {a.output}")
     say_saved(tag)
     return 0

@@ -65,3 +65,38 @@ def write_atomic(path: str | os.PathLike[str], data: bytes | Callable[[BinaryIO]
         except OSError:
             pass  # a folder we cannot write: nothing was left in it either
     return path
+
+
+class TooComplexError(ExtendserveError):
+    """Data (a head file's settings, a manifest) nested or repeated past what any real one holds."""
+
+
+def check_plain(value: object, what: str, max_items: int = 200_000, max_depth: int = 24,
+                max_chars: int = 64 * 2**20, leaf: Callable[[object], bool] = lambda v: False) -> None:
+    """Refuse untrusted plain data past a size, walked as a tree: a pickle may share one list
+    between many places (``x = [x, x]`` 50 deep is a few hundred bytes that expand to 2^50
+    items once copied or written out as JSON), so every place an item appears counts.
+    Allowed: dict (str or int keys), list, tuple, str, bytes, int, float, bool, None and what
+    ``leaf`` accepts (tensors, for a head file)."""
+    items, chars = 0, 0
+    stack: list[tuple[object, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        items += 1
+        if items > max_items or depth > max_depth:
+            raise TooComplexError(f"{what}: refused: nested {depth} deep or over {max_items} items, which no file "
+                                  "extendserve writes holds; it is not used. Give the file extendserve wrote")
+        if isinstance(v, (str, bytes)):
+            chars += len(v)
+            if chars > max_chars:
+                raise TooComplexError(f"{what}: refused: over {max_chars // 2**20} MB of text; it is not used")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, (str, int)):
+                    raise TooComplexError(f"{what}: refused: a key of type {type(k).__name__}; only plain data is read")
+                stack.append((k, depth + 1))
+                stack.append((x, depth + 1))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((x, depth + 1) for x in v)
+        elif not (v is None or isinstance(v, (bool, int, float)) or leaf(v)):
+            raise TooComplexError(f"{what}: refused: holds a {type(v).__name__}; only tensors and plain data are read")

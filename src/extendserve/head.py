@@ -7,6 +7,7 @@ any pickled object that is not a tensor or plain container, so no code in it can
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from .names import check_class_names, read_names
 
 FORMAT = "extendserve-head"
 VERSION = 1
+KEYS = {"format", "version", "name", "classes", "weight", "bias", "feature_dim", "backbone", "backbone_digest",
+        "method", "extras", "settings"}  # what a head file of ours holds; anything else is refused
 
 
 @dataclass
@@ -48,12 +51,25 @@ class Head:
         return int(self.weight.shape[1])
 
     def digest(self) -> str:
+        """Covers every field a build uses: tensors, classes, method, and (since 2026-12) the
+        settings, base and extras' names, so a changed setting is a changed head."""
+        h = self._tensor_digest()
+        h.update(b"\0v2\0" + json.dumps({"settings": self.settings, "backbone": self.backbone,
+                                          "backbone_digest": self.backbone_digest, "extras": sorted(self.extras)},
+                                         sort_keys=True, default=str).encode())
+        return h.hexdigest()
+
+    def legacy_digest(self) -> str:
+        """What models built before 2026-12 recorded: tensors, classes and method only."""
+        return self._tensor_digest().hexdigest()
+
+    def _tensor_digest(self) -> Any:
         h = hashlib.sha256()
         for t in (self.weight, self.bias, *[self.extras[k] for k in sorted(self.extras)]):
             h.update(t.detach().contiguous().numpy().tobytes())
         h.update("\n".join(self.classes).encode())
         h.update(self.method.encode())
-        return h.hexdigest()
+        return h
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -179,6 +195,9 @@ def load_head(
     if not isinstance(obj, dict):
         raise HeadFileError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     if obj.get("format") == FORMAT:
+        extra = sorted(str(k)[:40] for k in obj if k not in KEYS)
+        if extra:
+            raise HeadFileError(f"{path}: refused: a head file holds no {', '.join(extra[:3])}; give the file train-head wrote")
         try:
             head = Head(
                 classes=[str(c) for c in obj["classes"]],

@@ -14,8 +14,10 @@ from typing import Any
 
 from .config import PreprocessConfig
 from .errors import ExtendserveError
+from .files import FileReadError, TooComplexError, check_plain, read_regular_file
 
 FORMAT = "extendserve-model"
+MAX_MANIFEST_BYTES = 64 * 2**20  # a 10,000-class model's manifest is about 1 MB
 MODEL_FILES = ("model.onnx", "manifest.json")  # what serving reads
 CPU_PRECISIONS = ("f32", "bf16")  # what OpenVINO may serve a model in on the CPU (build --cpu-precision)
 HEADS_DIR = "heads"  # the new heads' own files, so a model is rebuilt (a head added or dropped) from itself
@@ -135,12 +137,25 @@ class Manifest:
     def read(cls, path: str | os.PathLike[str]) -> Manifest:
         p = Path(path)
         try:
-            d = json.loads(p.read_text("utf-8"))
-        except (OSError, ValueError) as e:
-            raise ExtendserveError(f"{p}: unreadable manifest ({e}); rebuild the model") from None
+            data = read_regular_file(p, MAX_MANIFEST_BYTES, "manifest")
+        except FileReadError as e:
+            raise ExtendserveError(f"{e}; rebuild the model") from None
+        return cls.from_bytes(data, str(p))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "manifest.json") -> Manifest:
+        """A manifest's bytes, bounded: size, nesting and items (an untrusted file)."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ExtendserveError(f"{where}: over the {MAX_MANIFEST_BYTES // 2**20} MB a manifest may be; rebuild the model")
+        try:
+            d = json.loads(data.decode("utf-8"))
+            check_plain(d, where, max_items=2_000_000)
+        except (ValueError, RecursionError, TooComplexError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:300]
+            raise ExtendserveError(f"{where}: unreadable manifest ({why}); rebuild the model") from None
         if not isinstance(d, dict):
-            raise ExtendserveError(f"{p}: not an extendserve manifest; rebuild the model")
-        return cls.from_dict(d, str(p))
+            raise ExtendserveError(f"{where}: not an extendserve manifest; rebuild the model")
+        return cls.from_dict(d, where)
 
 
 def without_paths(value: Any, key: str = "") -> Any:
@@ -159,6 +174,6 @@ def without_paths(value: Any, key: str = "") -> Any:
 def is_manifest(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` says it is an extendserve model's manifest (not whether it is a whole one)."""
     try:
-        return json.loads(Path(path).read_text("utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+        return json.loads(read_regular_file(path, MAX_MANIFEST_BYTES, "manifest")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError, ExtendserveError):
         return False

@@ -3,16 +3,20 @@ written beside its place and swapped in atomically, and the new version in Bento
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .build import BuiltModel
+from .config import cache_root
 from .errors import BuildError, ExtendserveError
 from .manifest import HEADS_DIR, MODEL_FILES, Manifest, is_manifest
 
@@ -59,16 +63,42 @@ def output_dir(out_dir: str | os.PathLike[str]) -> OutputDir:
     return OutputDir(given, final)
 
 
+@contextlib.contextmanager
+def build_lock(out: OutputDir, store_name: str | None = None) -> Iterator[None]:
+    """Held from before a build's work to its last write: a second build into the same folder or
+    the same store name is refused at once (two at once once left a store tag holding the other
+    build's files). The lock files stay beside the folder and in the cache; the locks go with the process."""
+    held: list[int] = []
+    where = [(out.final.parent / f".{out.final.name}.lock", f"-o {out.given}")]
+    if store_name is not None:
+        where.append((cache_root() / "locks" / f"{store_name}.lock", f"the store model {store_name}"))
+    try:
+        for path, what in where:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            held.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BuildError(f"another build is writing {what} now; wait for it to finish, or build into "
+                                 "another -o with another --name") from None
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
 def publish(built: BuiltModel, out: OutputDir, store_name: str | None = None) -> tuple[str, bool] | None:
     """Write the model folder (swapped in for ``out`` in one step: a symlinked ``-o`` stays a link,
     to the new model) and, with ``store_name``, save it as a new version in BentoML's model store
     (unless its latest version is this model already): (the tag, whether it is new), if saved."""
-    write_model_dir(out.final, built.files())
+    files = built.files()
+    write_model_dir(out.final, files)
     if store_name is None:
         return None
-    from .store import save_to_store
+    from .store import save_files_to_store
 
-    return save_to_store(out.final, store_name, built.manifest)
+    return save_files_to_store(files, store_name, built.manifest)  # the bytes verified, not the folder read back
 
 
 def write_model_dir(final: Path, files: dict[str, bytes]) -> Path:

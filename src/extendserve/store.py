@@ -71,22 +71,32 @@ def save_to_store(model_dir: str | os.PathLike[str], name: str, manifest: Manife
     True), or (the latest version's tag, False) when that one is the same model already (same
     ``model.onnx`` and CPU precision), so rebuilding changes nothing in the store.
     ``manifest``: the folder's, when the caller holds it (publishing), so it is not read back."""
+
+
+    model_dir = Path(model_dir)
+    files = {f: (model_dir / f).read_bytes() for f in MODEL_FILES}
+    if (model_dir / HEADS_DIR).is_dir():
+        files |= {f"{HEADS_DIR}/{p.name}": p.read_bytes() for p in sorted((model_dir / HEADS_DIR).iterdir()) if p.is_file()}
+    return save_files_to_store(files, name, manifest or Manifest.from_bytes(files["manifest.json"], model_dir))
+
+
+def save_files_to_store(files: dict[str, bytes], name: str, manifest: Manifest) -> tuple[str, bool]:
+    """Save a built model's files (relative path -> bytes: exactly what its build verified) as a
+    new version of ``extendserve-NAME``, or return the latest version's tag when it is this model."""
     import bentoml
 
     from . import __version__
 
     drop_broken_versions(store_name(name))
-    model_dir = Path(model_dir)
-    manifest = manifest or Manifest.read(model_dir / "manifest.json")
     same = _latest_if_same(store_name(name), manifest)
     if same is not None:
         return same, False
     with bentoml.models.create(store_name(name), labels={"producer": "extendserve", "extendserve": __version__},
                                metadata=manifest.summary()) as m:
-        for f in MODEL_FILES:
-            shutil.copyfile(model_dir / f, m.path_of(f))
-        if (model_dir / HEADS_DIR).is_dir():
-            shutil.copytree(model_dir / HEADS_DIR, m.path_of(HEADS_DIR))
+        for rel, data in files.items():
+            target = Path(m.path_of(rel))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
     return str(m.tag), True
 
 

@@ -1,0 +1,165 @@
+"""Nothing trusted that should not be (round 2): concurrent builds, pickle DAG bombs, paths a
+manifest names, deeply nested manifests. Real files, real builds, real onnxruntime."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import time
+
+import pytest
+import torch
+
+from extendserve.errors import ExtendserveError, HeadFileError
+from extendserve.head import load_head
+from extendserve.manifest import Manifest
+
+from conftest import run_cli
+
+
+def dag(depth: int) -> list:
+    x: list = []
+    for _ in range(depth):
+        x = [x, x]  # each level shares one list twice: a few hundred bytes pickled, 2^depth items as a tree
+    return x
+
+
+@pytest.mark.parametrize("where", ["settings", "classes"])
+def test_a_pickle_dag_bomb_head_is_refused_at_once(synthetic_head, tmp_path, where):
+    payload = torch.load(synthetic_head, weights_only=True)
+    if where == "settings":
+        payload["settings"]["note"] = dag(50)
+    else:
+        payload["classes"] = [dag(50), *payload["classes"][1:]]
+    bomb = tmp_path / "bomb.pt"
+    torch.save(payload, bomb)
+    assert bomb.stat().st_size < synthetic_head.stat().st_size + 5000  # the bomb adds a few hundred bytes
+    t0 = time.time()
+    with pytest.raises(HeadFileError, match="refused: nested .* deep or over .* items"):
+        load_head(bomb)
+    r = run_cli("build", "--new-head", str(bomb), "-o", str(tmp_path / "m"), "--no-store", check=False)
+    assert r.returncode != 0 and "refused" in r.stderr and "Traceback" not in r.stderr
+    assert time.time() - t0 < 60 and not (tmp_path / "m").exists()
+
+
+def test_a_head_file_with_fields_of_its_own_is_refused(synthetic_head, tmp_path):
+    payload = torch.load(synthetic_head, weights_only=True)
+    payload["run_me"] = "x"
+    torch.save(payload, tmp_path / "extra.pt")
+    with pytest.raises(HeadFileError, match="holds no run_me"):
+        load_head(tmp_path / "extra.pt")
+
+
+def test_the_head_digest_covers_its_settings(synthetic_head, tmp_path):
+    """A head inside a model whose settings were changed after the build is refused by build --from."""
+    run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "m"), "--no-store")
+    inside = tmp_path / "m" / "heads" / "shapes.pt"
+    payload = torch.load(inside, weights_only=True)
+    payload["settings"]["max_taken"] = 0.5
+    os.chmod(inside, 0o644)
+    torch.save(payload, inside)
+    r = run_cli("build", "--from", str(tmp_path / "m"), "--new-head", str(synthetic_head), "-o", str(tmp_path / "m2"),
+                "--name", "m2", "--no-store", check=False)
+    assert r.returncode != 0 and "changed since" in r.stderr
+
+
+def test_build_from_reads_no_file_outside_the_model(built_model, tmp_path, synthetic_head):
+    """A legacy-style head entry (no file inside the model) naming /etc/passwd or a real head file
+    outside the model: neither is read."""
+    for named in ("/etc/passwd", str(synthetic_head)):
+        m = tmp_path / f"legacy-{len(named)}"
+        shutil.copytree(built_model, m)
+        d = json.loads((m / "manifest.json").read_text())
+        d["heads"][1]["file"] = None
+        d["settings"]["new_head"] = [named]
+        (m / "manifest.json").write_text(json.dumps(d))
+        r = run_cli("build", "--from", str(m), "--drop-head", "nothing", "-o", str(tmp_path / "out"), check=False)
+        assert r.returncode != 0
+        r = run_cli("build", "--from", str(m), "--new-head", str(synthetic_head), "-o", str(tmp_path / "out"),
+                    "--name", "out", "--no-store", check=False)
+        assert r.returncode != 0 and "outside the model folder" in r.stderr, r.stderr
+        assert "looks like text" not in r.stderr  # the file was never opened
+
+
+def test_a_deeply_nested_manifest_is_a_one_line_error(built_model, tmp_path):
+    """In a folder, and in another version of a store model: predict says so in one line, and the
+    store's other versions still serve."""
+    import bentoml
+
+    from extendserve.store import save_to_store
+
+    from conftest import jpeg_bytes, synthetic_photo
+
+    photo = tmp_path / "disc.jpg"
+    photo.write_bytes(jpeg_bytes(synthetic_photo(0, 5)))
+    m = tmp_path / "deep"
+    shutil.copytree(built_model, m)
+    d = json.loads((m / "manifest.json").read_text())
+    deep = (json.dumps(d)[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}").encode()
+    (m / "manifest.json").write_bytes(deep)
+    with pytest.raises(ExtendserveError, match="unreadable manifest"):
+        Manifest.read(m / "manifest.json")
+    r = run_cli("predict", "--model", str(m), str(photo), check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "unreadable manifest" in r.stderr
+    old_tag, _ = save_to_store(built_model, "deep-manifest")
+    with open(bentoml.models.get(old_tag).path_of("manifest.json"), "wb") as f:
+        f.write(deep)
+    r = run_cli("predict", "--model", old_tag, str(photo), check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "manifest" in r.stderr
+    new_tag = save_to_store(built_model, "deep-manifest")[0]
+    r = run_cli("predict", "--model", new_tag, str(photo), check=False)
+    assert "Traceback" not in r.stderr and "RecursionError" not in r.stderr
+
+
+def test_a_second_build_into_the_same_folder_or_name_is_refused(synthetic_head, tmp_path):
+    """While one build holds the folder (or the store name), another is refused with a message and
+    writes nothing."""
+    from extendserve.publish import build_lock, output_dir
+
+    out = tmp_path / "m"
+    with build_lock(output_dir(out), "extendserve-samename"):
+        r = run_cli("build", "--new-head", str(synthetic_head), "-o", str(out), "--name", "other", check=False)
+        assert r.returncode != 0 and "another build is writing -o" in r.stderr and not out.exists()
+        r = run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "n"), "--name", "samename",
+                    check=False)
+        assert r.returncode != 0 and "another build is writing the store model extendserve-samename" in r.stderr
+    lock = tmp_path / ".m.lock"  # the lock goes with the process that held it
+    with open(lock) as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_store_version_holds_the_bytes_its_build_verified(synthetic_head, tmp_path):
+    """The store version is written from the verified bytes, not the folder read back: a folder
+    replaced between the two (as a second build once did) does not leak into the printed tag."""
+    import bentoml
+
+    from extendserve.build import BuiltModel
+    from extendserve.publish import publish, write_model_dir
+
+    run_cli("build", "-o", str(tmp_path / "plain"), "--no-store")
+    run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "m"), "--no-store")
+    folder = tmp_path / "m"
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    built = BuiltModel(files["model.onnx"], Manifest.from_bytes(files["manifest.json"]),
+                       {k: v for k, v in files.items() if k.startswith("heads/")})
+    other = {p.name: p.read_bytes() for p in (tmp_path / "plain").iterdir() if p.is_file()}
+
+    import extendserve.publish as pub
+
+    real = pub.write_model_dir
+
+    def then_another_build(final, fs):  # the other build swaps its folder in right after this one's
+        real(final, fs)
+        write_model_dir(final, other)
+
+    pub.write_model_dir = then_another_build
+    try:
+        tag, _ = publish(built, pub.output_dir(folder), "verified-bytes")
+    finally:
+        pub.write_model_dir = real
+    m = bentoml.models.get(tag)
+    assert open(m.path_of("model.onnx"), "rb").read() == files["model.onnx"]
+    assert open(m.path_of("manifest.json"), "rb").read() == files["manifest.json"]
+    assert os.path.isfile(m.path_of("heads/shapes.pt"))
