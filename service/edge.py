@@ -72,15 +72,24 @@ class _Slow(Exception):
     pass
 
 
+class _Busy(Exception):
+    pass
+
+
+class _Gone(Exception):
+    pass
+
+
 class HttpEdge:
     """ASGI middleware: size, rate and admission limits on request bodies (see the module)."""
 
     def __init__(self, app: Any, limit: int, batch_limit: int, min_rate: float, grace: float,
-                 admitted: int) -> None:
+                 admitted: int, max_parts: int = 257, buffered: int = 384 * 2**20) -> None:
         self.app, self.limit, self.batch_limit = app, limit, batch_limit
         self.min_rate, self.grace = min_rate, grace
         self.slots = asyncio.Semaphore(admitted)
-        self.admitted = admitted
+        self.admitted, self.max_parts = admitted, max_parts
+        self.budget, self.held = buffered, 0  # bytes of bodies still arriving, all uploads of this worker together
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -95,6 +104,10 @@ class HttpEdge:
             body = await self._read_body(receive, limit)
         except _Slow as e:
             return await error(408, str(e), close=True)(scope, receive, send)
+        except _Busy as e:
+            return await error(503, str(e), close=True)(scope, receive, send)
+        except _Gone:
+            return None  # the client went away mid-body: nothing of it goes further
         if body is None:
             return await self._too_large(send, limit + 1, limit)
         ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
@@ -108,13 +121,14 @@ class HttpEdge:
                                     f"send multipart/form-data with the field '{field}' (curl -F {field}=@photo.jpg)"
                                     f"{also}")(scope, receive, send)
         if ctype == b"multipart/form-data" and path in FORM_FIELDS:
-            problem = form_problem(body, headers.get(b"content-type", b""), path)
-            if problem:
-                return await error(400, f"{path}: {problem}")(scope, receive, send)
+            ctype_full = headers.get(b"content-type", b"")
             try:
-                body, scope = query_top_k_into_form(body, headers.get(b"content-type", b""), scope)
+                body = canonical_form(body, ctype_full, path, query_top_k(scope), self.max_parts)
             except ValueError as e:
                 return await error(400, f"{path}: {e}")(scope, receive, send)
+            hs = [(n, v) for n, v in scope.get("headers") or [] if n.lower() not in (b"content-length", b"content-type")]
+            scope = scope | {"headers": hs + [(b"content-length", str(len(body)).encode()),
+                                              (b"content-type", b"multipart/form-data; boundary=" + boundary_of(ctype_full))]}
         if self.slots.locked():
             return await error(429, f"{self.admitted} requests are in progress on this worker; retry shortly")(
                 scope, receive, send)
@@ -124,27 +138,42 @@ class HttpEdge:
             await self.app(scope, _replay(body, receive), send)
 
     async def _read_body(self, receive: Any, limit: int) -> bytes | None:
-        """The whole body, or None past ``limit``; _Slow when it arrives under the minimum rate
-        (after a grace period): the client must have sent (t - grace) * min_rate bytes by time t."""
+        """The whole body, or None past ``limit``. _Slow when it arrives under the minimum rate (after
+        a grace period: the client must have sent (t - grace) * min_rate bytes by time t) or when no
+        byte comes for ``grace`` seconds (a client that sent 100 MB at once and then nothing once held
+        its memory for hours); _Busy when this worker already holds its budget of bytes of bodies
+        still arriving; _Gone when the client disconnects (its partial body is dropped)."""
         chunks, seen, t0 = [], 0, time.monotonic()
-        while True:
-            deadline = t0 + self.grace + (seen / self.min_rate if self.min_rate > 0 else 3600.0)
-            try:
-                msg = await asyncio.wait_for(receive(), max(0.01, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                took = time.monotonic() - t0
-                raise _Slow(f"the request body arrived too slowly ({seen} bytes in {took:.0f} s; at least "
-                            f"{self.min_rate / 1024:.0f} KB/s after the first {self.grace:.0f} s); send it "
-                            "again over a faster connection") from None
-            if msg["type"] != "http.request":
-                break  # the client went away; the app sees the disconnect when it asks
-            chunks.append(msg.get("body", b""))
-            seen += len(chunks[-1])
-            if seen > limit:
-                return None
-            if not msg.get("more_body"):
-                break
-        return b"".join(chunks)
+        try:
+            while True:
+                now = time.monotonic()
+                deadline = t0 + self.grace + (seen / self.min_rate if self.min_rate > 0 else 3600.0)
+                deadline = min(deadline, now + self.grace)  # no progress for grace seconds ends it
+                try:
+                    msg = await asyncio.wait_for(receive(), max(0.01, deadline - now))
+                except asyncio.TimeoutError:
+                    took = time.monotonic() - t0
+                    raise _Slow(f"the request body stalled or arrived too slowly ({seen} bytes in {took:.0f} s; "
+                                f"at least {self.min_rate / 1024:.0f} KB/s after the first {self.grace:.0f} s and no "
+                                f"pause over {self.grace:.0f} s, EXTENDSERVE_UPLOAD_GRACE_S); send it again") from None
+                if msg["type"] != "http.request":
+                    raise _Gone()
+                chunk = msg.get("body", b"")
+                if chunk:
+                    if self.held + len(chunk) > self.budget:
+                        raise _Busy(f"this worker holds {self.held / 2**20:.0f} MB of uploads still arriving, its "
+                                    f"limit (EXTENDSERVE_MAX_BUFFERED_MB); retry shortly")
+                    self.held += len(chunk)
+                    chunks.append(chunk)
+                    seen += len(chunk)
+                if seen > limit:
+                    return None
+                if not msg.get("more_body"):
+                    break
+            return b"".join(chunks)
+        finally:
+            self.held -= seen
+
 
     async def _raw_image(self, scope: Any, body: bytes, receive: Any, send: Any) -> None:
         """``POST /classify`` with the photo as the whole body (``curl --data-binary @photo.jpg -H
@@ -164,58 +193,143 @@ class HttpEdge:
     @staticmethod
     async def _too_large(send: Any, size: int, limit: int) -> None:
         body = json.dumps({"error": f"the request body ({size / 2**20:.1f} MB so far) is over the "
-                                    f"{limit / 2**20:.0f} MB upload limit; send a smaller photo"}).encode()
+                                    f"{limit / 2**20:.0f} MB upload limit (EXTENDSERVE_MAX_UPLOAD_MB for /classify, "
+                                    "EXTENDSERVE_MAX_REQUEST_MB for /classify_batch); send a smaller photo"}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
 
-def form_problem(body: bytes, content_type: bytes, path: str) -> str | None:
-    """What is wrong with a multipart form, said so the sender can fix it; None if it is well formed.
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_PARAM = re.compile(rb';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\\r\n]|\\.)*"|[^;\s]*)')
+PART_HEADERS = (b"content-disposition", b"content-type")
+MAX_PART_HEAD = 8 * 1024  # bytes of headers a part may carry
 
-    Checked before BentoML parses it: a wrong or unknown field name, binary data in a text field or
-    a boundary over RFC 2046's 70 characters once made BentoML answer 500; the likeliest curl
-    mistake, ``-F file=@photo.jpg``, gets a 400 naming the field expected."""
+
+class FormError(ValueError):
+    """A multipart form the edge refuses (answered 400 with this message)."""
+
+
+def params(value: bytes) -> dict[bytes, bytes]:
+    """A header's ``; name=value`` parameters, names lower-cased (``BOUNDARY=`` is ``boundary=``)."""
+    out: dict[bytes, bytes] = {}
+    for name, raw in _PARAM.findall(b";" + value.split(b";", 1)[1] if b";" in value else b""):
+        out[name.lower()] = raw[1:-1].replace(b'\\"', b'"') if raw.startswith(b'"') else raw
+    return out
+
+
+def boundary_of(content_type: bytes) -> bytes | None:
+    """A multipart Content-Type's boundary, or None."""
+    return params(content_type).get(b"boundary") or None
+
+
+def canonical_form(body: bytes, content_type: bytes, path: str, query_k: str | None, max_parts: int) -> bytes:
+    """A multipart form, parsed strictly and written out again in one plain shape for BentoML.
+
+    The edge and BentoML must not disagree about what a body holds: a folded or bogus header
+    line, two Content-Types, bytes after a boundary, a missing closing boundary, a text value
+    in the photo field (which BentoML once took for a URL to download) or more parts than the
+    limit are refused here with what to fix; what passes is rebuilt, so BentoML only ever parses
+    forms of one shape: each photo a file part, ``top_k`` once, digits only (the URL's ``?top_k=``
+    merged in, and refused when it disagrees with the form's)."""
     fields = FORM_FIELDS[path]
     photo = next(f for f, is_file in fields.items() if is_file)
     hint = f"send the photo as the multipart field '{photo}' (curl -F {photo}=@photo.jpg)"
     boundary = boundary_of(content_type)
     if not boundary:
-        return f"the multipart body has no boundary; {hint}"
+        raise FormError(f"the multipart Content-Type has no boundary parameter; {hint}")
     if len(boundary) > MAX_BOUNDARY:
-        return (f"the multipart boundary is {len(boundary)} characters long, over the {MAX_BOUNDARY} that "
-                f"RFC 2046 allows; {hint}")
-    seen: list[str] = []
-    for part in body.split(b"--" + boundary)[1:]:
-        if part.startswith(b"--"):
-            break  # the closing delimiter
-        head, sep, value = part.lstrip(b"\r\n").partition(b"\r\n\r\n")
-        disposition = next((ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-disposition")), b"")
-        name = re.search(rb'name="([^"]*)"', disposition)
-        if not sep or not name:
-            return f"a part of the multipart body has no field name; {hint}"
-        field = name.group(1).decode("utf-8", "replace")
+        raise FormError(f"the multipart boundary is {len(boundary)} characters long, over the {MAX_BOUNDARY} that "
+                        f"RFC 2046 allows; {hint}")
+    delim = b"--" + boundary
+    at = 0 if body.startswith(delim) else body.find(b"\r\n" + delim)
+    if at < 0:
+        raise FormError(f"the body holds no '--{boundary.decode('latin-1')}' boundary line; {hint}")
+    at += 0 if body.startswith(delim) else 2
+    photos: list[tuple[str, bytes]] = []
+    top_k: str | None = None
+    parts = 0
+    while True:
+        at += len(delim)
+        if body.startswith(b"--", at):  # the closing boundary: only padding and line ends may follow
+            if body[at + 2 :].strip(b" \t\r\n"):
+                raise FormError("bytes after the closing boundary; end the form with its closing boundary")
+            break
+        line_end = body.find(b"\r\n", at)
+        if line_end < 0 or body[at:line_end].strip(b" \t"):
+            raise FormError("bytes after a boundary on its line; each boundary line ends right after the boundary")
+        parts += 1
+        if parts > max_parts:
+            raise FormError(f"over {max_parts} parts in one form (EXTENDSERVE_MAX_BATCH_PHOTOS); split the photos "
+                            "over several requests")
+        head_end = body.find(b"\r\n\r\n", line_end)
+        if head_end < 0 or head_end - line_end > MAX_PART_HEAD:
+            raise FormError("a part's headers do not end in a blank line; send the form with curl -F or a "
+                            "multipart library")
+        headers = _part_headers(body[line_end + 2 : head_end])
+        nxt = body.find(b"\r\n" + delim, head_end + 4)
+        if nxt < 0:
+            raise FormError("the multipart body has no closing boundary; it may have been cut off, send it again")
+        value = body[head_end + 4 : nxt]
+        at = nxt + 2
+        disp = headers.get(b"content-disposition", b"")
+        if disp.split(b";")[0].strip().lower() != b"form-data" or b"name" not in params(disp):
+            raise FormError(f"a part has no 'Content-Disposition: form-data; name=...' header; {hint}")
+        p = params(disp)
+        field = p[b"name"].decode("utf-8", "replace")
         if field not in fields:
-            return f"unknown field {field!r}; {hint}"
-        if not fields[field]:
-            text = value[:-2] if value.endswith(b"\r\n") else value
+            raise FormError(f"unknown field {field[:40]!r}: this endpoint takes "
+                            + " and ".join(f"'{f}'" for f in fields) + f"; {hint}")
+        if fields[field]:
+            if b"filename" not in p:
+                raise FormError(f"the field '{field}' holds text, not a file; send the photo as a file "
+                                f"(curl -F {field}=@photo.jpg: the @ sends the file)")
+            if field in [f for f, _ in photos] and path == "/classify":
+                raise FormError(f"more than one '{photo}' field; /classify takes one photo, /classify_batch "
+                                "several ('images')")
+            photos.append((field, value))
+        else:
+            if b"filename" in p:
+                raise FormError(f"'{field}' is a number, not a file; send it as -F {field}=5")
+            if top_k is not None:
+                raise FormError(f"'{field}' is given more than once; give it once")
             try:
-                strict_int(text.decode("utf-8"))
+                top_k = strict_int(value.decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
-                return f"{field} must be a whole number written in digits, such as 5"
-        elif field in seen and path == "/classify":
-            return f"more than one '{photo}' field; /classify takes one photo, /classify_batch several ('images')"
-        seen.append(field)
-    if photo not in seen:
-        return f"no '{photo}' field; {hint}"
-    return None
+                raise FormError(f"{field} must be a whole number written in digits, such as 5") from None
+    if not photos:
+        raise FormError(f"no '{photo}' field; {hint}")
+    if query_k is not None:
+        strict_int(query_k)
+        if top_k is not None and top_k.strip() != query_k.strip():
+            raise FormError(f"top_k is {query_k!r} in the URL and {top_k!r} in the form; give it once")
+        top_k = query_k
+    out = []
+    for i, (field, value) in enumerate(photos):
+        out.append(delim + f'\r\nContent-Disposition: form-data; name="{field}"; filename="photo-{i}"\r\n'
+                   "Content-Type: application/octet-stream\r\n\r\n".encode() + value + b"\r\n")
+    if top_k is not None:
+        out.append(delim + b'\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n' + top_k.strip().encode() + b"\r\n")
+    return b"".join(out) + delim + b"--\r\n"
 
 
-def boundary_of(content_type: bytes) -> bytes | None:
-    """A multipart Content-Type's boundary, or None."""
-    m = re.search(rb'boundary="?([^";]+)"?', content_type)
-    return m.group(1) if m else None
+def _part_headers(block: bytes) -> dict[bytes, bytes]:
+    headers: dict[bytes, bytes] = {}
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            raise FormError("a folded header line in a part (a line starting with a space); write each header on one line")
+        name, sep, value = line.partition(b":")
+        if not sep or not _TOKEN.match(name):
+            raise FormError(f"a part's header line {line[:60].decode('latin-1')!r} is not 'Name: value'")
+        key = name.lower()
+        if key not in PART_HEADERS:
+            raise FormError(f"a part carries the header {name[:40].decode('latin-1')!r}; a form part here takes only "
+                            "Content-Disposition and Content-Type")
+        if key in headers:
+            raise FormError(f"a part carries two {name.decode('latin-1')} headers; give each once")
+        headers[key] = value.strip()
+    return headers
 
 
 def query_top_k(scope: Any) -> str | None:
@@ -224,29 +338,6 @@ def query_top_k(scope: Any) -> str | None:
 
     got = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).get("top_k")
     return got[-1] if got else None
-
-
-def query_top_k_into_form(body: bytes, content_type: bytes, scope: Any) -> tuple[bytes, Any]:
-    """A form upload with ``?top_k=`` in the URL (``curl -F image=@x '/classify?top_k=2'``): the
-    query's top_k added to the form as its field, which BentoML reads (it ignores the query). Raises
-    ValueError for a top_k that is not digits, or one given in both places with other values."""
-    k = query_top_k(scope)
-    if k is None:
-        return body, scope
-    strict_int(k)
-    boundary = boundary_of(content_type) or b""  # form_problem has refused a form without one
-    in_form = re.search(rb'name="top_k"\r\n\r\n([^\r]*)\r\n', body)
-    if in_form:
-        if in_form.group(1).strip() != k.strip().encode():
-            raise ValueError(f"top_k is {k!r} in the URL and {in_form.group(1).decode('latin-1')!r} in the form; give it once")
-        return body, scope
-    end = body.rfind(b"--" + boundary + b"--")
-    if end < 0:
-        raise ValueError("the multipart body has no closing boundary; send it with curl -F or a multipart library")
-    part = b"--" + boundary + b'\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n' + k.strip().encode() + b"\r\n"
-    body = body[:end] + part + body[end:]
-    headers = [(n, v) for n, v in scope.get("headers") or [] if n.lower() != b"content-length"]
-    return body, scope | {"headers": headers + [(b"content-length", str(len(body)).encode())]}
 
 
 def _replay(body: bytes, receive: Any) -> Any:
@@ -264,8 +355,9 @@ def _replay(body: bytes, receive: Any) -> Any:
 
 
 def strict_int(value: Any) -> Any:
-    """``top_k`` as digits only: '1e3', '5.0' and 'true' are refused, not read as 1000, 5, 1."""
-    ok = (isinstance(value, int) and not isinstance(value, bool)) or (isinstance(value, str) and value.strip().isdigit())
+    """``top_k`` as ASCII digits only: '1e3', '5.0', 'true' and '²' are refused, not read as 1000, 5, 1, 2."""
+    ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()) is not None)
     if not ok:  # BentoML reads form fields as JSON first: '1e3' arrives as 1000.0, 'true' as True
         raise ValueError(f"top_k must be a whole number written in digits, such as 5, not {value!r}")
     return value

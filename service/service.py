@@ -219,4 +219,5 @@ class Classifier:
 
 with_description(Classifier, Path(__file__).with_name("README.md"))  # the Swagger page says what this is
 Classifier.add_asgi_middleware(HttpEdge, limit=S.max_upload + 64 * 1024, batch_limit=S.max_request,
-                               min_rate=S.min_rate, grace=S.grace, admitted=S.admitted)
+                               min_rate=S.min_rate, grace=S.grace, admitted=S.admitted,
+                               max_parts=S.max_batch_photos + 1, buffered=S.max_buffered)

@@ -640,3 +640,112 @@ def test_bentoml_sync_http_client(server, tmp_path):
         many = client.classify_batch(images=[photo, photo], top_k=1)
     assert [p["label"] for p in one["predictions"]][:1] == ["red discs"] and len(one["predictions"]) == 2
     assert [r["predictions"][0]["label"] for r in many] == ["red discs", "red discs"]
+
+
+# --------------------------------------------------------------------------- malformed forms, stalled bodies
+
+
+def raw_post(server, body: bytes, ctype: str, path: str = "/classify") -> tuple[int, dict]:
+    req = urllib.request.Request(server.url + path, data=body, method="POST", headers={"Content-Type": ctype})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _part(head: str, value: bytes, b: str = "BND") -> bytes:
+    return f"--{b}\r\n{head}\r\n\r\n".encode() + value + b"\r\n"
+
+
+PHOTO_HEAD = 'Content-Disposition: form-data; name="image"; filename="a.jpg"'
+MALFORMED = {
+    "bogus header line": _part(PHOTO_HEAD + "\r\nthis is not a header", b"PHOTO") + b"--BND--\r\n",
+    "folded header": _part(PHOTO_HEAD + "\r\n  ; folded=1", b"PHOTO") + b"--BND--\r\n",
+    "garbage after the boundary": b"--BNDgarbage\r\n" + _part(PHOTO_HEAD, b"PHOTO")[7:] + b"--BND--\r\n",
+    "two content types": _part(PHOTO_HEAD + "\r\nContent-Type: image/jpeg\r\nContent-Type: text/plain", b"PHOTO")
+    + b"--BND--\r\n",
+    "no closing boundary": _part(PHOTO_HEAD, b"PHOTO"),
+    "text in the photo field": _part('Content-Disposition: form-data; name="image"', b"hello") + b"--BND--\r\n",
+    "a URL in the photo field": _part('Content-Disposition: form-data; name="image"', b"http://127.0.0.1:9/x.jpg")
+    + b"--BND--\r\n",
+    "1001 top_k fields": _part(PHOTO_HEAD, b"PHOTO") + _part('Content-Disposition: form-data; name="top_k"', b"3") * 1000
+    + b"--BND--\r\n",
+    "two top_k fields": _part(PHOTO_HEAD, b"PHOTO") + _part('Content-Disposition: form-data; name="top_k"', b"3") * 2
+    + b"--BND--\r\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_multipart_is_a_400_with_a_message(server, case):
+    """Each once gave 500 with a traceback (or, for text in the photo field, BentoML took the text
+    for a URL to download)."""
+    body = MALFORMED[case].replace(b"PHOTO", disc())
+    status, reply = raw_post(server, body, "multipart/form-data; boundary=BND")
+    assert status == 400 and isinstance(reply, dict) and reply["error"], (case, status, reply)
+    assert "Traceback" not in server.logs()[-20000:]
+
+
+def test_1001_photo_parts_are_refused_before_bentoml(server):
+    body = b"".join(_part('Content-Disposition: form-data; name="images"; filename="a.jpg"', b"x") for _ in range(1001))
+    status, reply = raw_post(server, body + b"--BND--\r\n", "multipart/form-data; boundary=BND", "/classify_batch")
+    assert status == 400 and "EXTENDSERVE_MAX_BATCH_PHOTOS" in reply["error"]
+
+
+def test_form_details_the_edge_once_missed(server):
+    """BOUNDARY= in capitals is a boundary; a top_k part with a Content-Type still meets the URL's
+    top_k check; ?top_k=² is refused in the service's own words."""
+    body = _part(PHOTO_HEAD, disc()) + b"--BND--\r\n"
+    status, reply = raw_post(server, body, "multipart/form-data; BOUNDARY=BND")
+    assert status == 200 and reply["predictions"][0]["label"] == "red discs"
+    typed = _part(PHOTO_HEAD, disc()) + _part('Content-Disposition: form-data; name="top_k"\r\nContent-Type: text/plain',
+                                              b"3") + b"--BND--\r\n"
+    req = urllib.request.Request(server.url + "/classify?top_k=2", data=typed, method="POST",
+                                 headers={"Content-Type": "multipart/form-data; boundary=BND"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 400 and "give it once" in json.loads(e.value.read())["error"]
+    from urllib.parse import quote
+
+    for path in ("/classify?top_k=" + quote("²"), "/classify?top_k=" + quote("٣")):
+        req = urllib.request.Request(server.url + path, data=disc(), method="POST", headers={"Content-Type": "image/jpeg"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=60)
+        msg = json.loads(e.value.read())["error"]
+        assert e.value.code == 400 and "digits" in msg and "invalid literal" not in msg
+
+
+def test_a_body_sent_fast_then_stalled_is_ended_and_uploads_are_bounded(tmp_path, built_model):
+    """100 MB sent at once and then silence once held a worker's memory for about 6400 s (the
+    rate was an average since the start); partial bodies of closed connections reached BentoML.
+    Now a pause over the grace ends the request (408), the bytes of uploads in progress are
+    bounded per worker (503 past it), and a body cut off by its client goes no further."""
+    s = Server(built_model, tmp_path, EXTENDSERVE_WORKERS="1", EXTENDSERVE_MAX_UPLOAD_MB="8",
+               EXTENDSERVE_MAX_REQUEST_MB="8", EXTENDSERVE_MAX_BUFFERED_MB="10", EXTENDSERVE_UPLOAD_GRACE_S="2")
+    socks = []
+    try:
+        def stalled(n_bytes: int) -> socket.socket:
+            sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+            sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 8000000\r\n\r\n" + b"x" * n_bytes)
+            socks.append(sock)
+            return sock
+
+        first = stalled(6_000_000)
+        time.sleep(0.5)
+        second = stalled(6_000_000)  # 12 MB in progress would be over the 10 MB budget
+        reply = read_reply(second)
+        assert reply.startswith("HTTP/1.1 503") and "EXTENDSERVE_MAX_BUFFERED_MB" in reply, reply[:300]
+        t0 = time.time()
+        reply = read_reply(first)
+        assert reply.startswith("HTTP/1.1 408") and "stalled" in reply and time.time() - t0 < 10, reply[:300]
+        gone = stalled(3_000_000)
+        gone.close()  # the client goes away mid-body
+        time.sleep(1)
+        status, body = s.post("/classify", [("image", disc(), "disc.jpg")])
+        assert status == 200
+        assert "Traceback" not in s.logs()
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()

@@ -46,6 +46,7 @@ class ServiceSettings:
     grace: float  # seconds
     admitted: int  # requests in progress per worker (429 past it); uploads still arriving do not count
     show_paths: bool  # /info shows server paths (EXTENDSERVE_INFO_PATHS=1)
+    max_buffered: int = 384 * 2**20  # bytes of request bodies still arriving, per worker (503 past it)
     engine: str = "auto"  # EXTENDSERVE_ENGINE: auto (measured, see engines) | onnxruntime | openvino
 
     @classmethod
@@ -59,11 +60,14 @@ class ServiceSettings:
         n = cores()
         workers = _number(env, "EXTENDSERVE_WORKERS", min(n, 4), int, 1, 64)
         max_batch = _number(env, "EXTENDSERVE_MAX_BATCH", 32, int, 1, 1024)
+        max_request = int(_number(env, "EXTENDSERVE_MAX_REQUEST_MB", 256, float, 0.001, 65536) * 2**20)
         return cls(
             device=device, workers=workers, threads=max(1, n // workers),
             batch_ms=_number(env, "EXTENDSERVE_BATCH_MS", 4, float, 0, 1000), max_batch=max_batch,
             max_upload=int(_number(env, "EXTENDSERVE_MAX_UPLOAD_MB", 32, float, 0.001, 4096) * 2**20),
-            max_request=int(_number(env, "EXTENDSERVE_MAX_REQUEST_MB", 256, float, 0.001, 65536) * 2**20),
+            max_request=max_request,
+            # at least one whole request of the largest size, whatever is set
+            max_buffered=max(max_request, int(_number(env, "EXTENDSERVE_MAX_BUFFERED_MB", 384, float, 1, 1e6) * 2**20)),
             max_batch_photos=_number(env, "EXTENDSERVE_MAX_BATCH_PHOTOS", 256, int, 1, 100_000),
             chunk=max(1, min(8, max_batch)),
             decoding=_number(env, "EXTENDSERVE_MAX_DECODING", max(2, 2 * n // workers), int, 1, 1024),
