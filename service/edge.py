@@ -63,6 +63,9 @@ def answers_client_errors(api: Callable[..., Awaitable[T]]) -> Callable[..., Awa
         try:
             return await api(*args, **kwargs)
         except ClientError as e:
+            ctx = kwargs.get("ctx")
+            if ctx is not None:  # an API that takes the context: BentoML answers with its status
+                ctx.response.status_code = e.status
             return e.response()  # type: ignore[return-value]
 
     return answered

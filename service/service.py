@@ -178,7 +178,8 @@ class Classifier:
     async def classify_one(self, photo: Path | bytes, top_k: int) -> Classification:
         return (await self._classify([photo], top_k))[0]
 
-    async def _classify(self, paths: list[Path | bytes], top_k: int) -> list[Classification]:
+    async def _classify(self, paths: list[Path | bytes], top_k: int,
+                        ctx: bentoml.Context | None = None) -> list[Classification]:
         try:
             self.model.check_top_k(top_k)
         except ExtendserveError as e:
@@ -187,6 +188,9 @@ class Classifier:
         # A chunk at a time: a batch of hundreds takes turns in the decode threads and the model
         # queue with single requests, rather than queueing all its photos ahead of theirs.
         for start in range(0, len(paths), S.chunk):
+            if start and ctx is not None and await ctx.request.is_disconnected():
+                log.info("extendserve: the client went away; stopped its batch after %d of %d photos", start, len(paths))
+                raise ClientError(499, "the client went away")
             chunk = paths[start : start + S.chunk]
             pixels = await asyncio.gather(*[self._prepare(p, f"image {start + i}" if len(paths) > 1 else "image")
                                             for i, p in enumerate(chunk)])
@@ -201,7 +205,7 @@ class Classifier:
 
     @bentoml.api
     @answers_client_errors
-    async def classify_batch(self, images: list[Path], top_k: TopK = 5) -> list[Classification]:
+    async def classify_batch(self, images: list[Path], ctx: bentoml.Context, top_k: TopK = 5) -> list[Classification]:
         """Several photos (multipart field ``images``, repeated) -> one result each, in order."""
         if not images:
             raise ClientError(400, "no photos: send one or more multipart fields named 'images'")
@@ -210,7 +214,7 @@ class Classifier:
                                    "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
         self.batches += 1
         try:
-            return await self._classify(images, top_k)
+            return await self._classify(images, top_k, ctx)
         finally:
             self.batches -= 1
             if not self.batches:

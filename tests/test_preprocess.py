@@ -10,7 +10,7 @@ from PIL import Image
 
 from extendserve.config import PreprocessConfig
 from extendserve.errors import BadImageError
-from extendserve.preprocess import prepare
+from extendserve.preprocess import decode, prepare
 
 from conftest import bomb_png, header_only_jpeg, jpeg_bytes, synthetic_photo
 
@@ -146,3 +146,67 @@ def test_decode_never_raises_anything_else(data):
     except BadImageError:
         return
     assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+
+
+def _peak_growth_mb(code: str, data: bytes, tmp_path) -> float:
+    """Peak memory a decode adds, measured in a fresh process (Pillow's buffers are not Python's)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "photo.bin").write_bytes(data)
+    prog = ("import resource, sys; from extendserve.preprocess import decode; "
+            f"data = open({str(tmp_path / 'photo.bin')!r}, 'rb').read(); decode(b'\\xff', 'warm') if False else None; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; " + code +
+            "; print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("mode", ["1", "P"])
+def test_a_tiny_1_bit_or_palette_png_of_8000x8000_decodes_in_bounded_memory(mode, tmp_path):
+    """Converted to RGBA at full size before the reduction, a 7.8 KB 1-bit PNG of 7999x7999 once
+    cost about 550 MB; now a band at a time: the photo in its own mode (one byte a pixel) and a band."""
+    import io
+
+    im = Image.new(mode, (7999, 7999), 0)
+    if mode == "P":
+        im.putpalette([0, 0, 0, 255, 255, 255] * 128)
+    im.paste(1, (0, 0, 7999, 4000))
+    buf = io.BytesIO()
+    im.save(buf, "PNG", optimize=True)
+    assert len(buf.getvalue()) < 200_000
+    grew = _peak_growth_mb("im = decode(data, 'x', 256); assert im.size[0] < 1000 and im.mode == 'RGB'", buf.getvalue(),
+                           tmp_path)
+    assert grew < 64 + 100, grew  # 64 MB for the decoded photo, then bands
+
+
+def test_exif_orientation_is_kept_for_16_bit_and_float_photos():
+    """A rotated 16-bit PNG was classified sideways: the wide-to-8-bit step made a new image without EXIF."""
+    import io
+
+    a = np.zeros((200, 300), np.uint16)
+    a[:, :150] = 60000  # bright left half
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: the viewer turns it 90 degrees clockwise
+    ref = Image.fromarray((a // 257).astype(np.uint8), "L")
+    got = {}
+    for name, im in (("8-bit", ref), ("16-bit", Image.fromarray(a))):
+        buf = io.BytesIO()
+        im.save(buf, "PNG", exif=exif)
+        got[name] = np.asarray(decode(buf.getvalue()))
+    assert got["16-bit"].shape == got["8-bit"].shape == (300, 200, 3)
+    assert np.abs(got["16-bit"].astype(int) - got["8-bit"]).max() <= 1
+
+
+def test_a_float_tiff_with_one_inf_pixel_is_not_black():
+    import io
+
+    a = np.tile(np.linspace(0, 1000, 64, dtype=np.float32), (64, 1))
+    clean = io.BytesIO()
+    Image.fromarray(a, "F").save(clean, "TIFF")
+    a[3, 3] = np.inf
+    a[5, 5] = np.nan
+    bad = io.BytesIO()
+    Image.fromarray(a, "F").save(bad, "TIFF")
+    want, got = np.asarray(decode(clean.getvalue())), np.asarray(decode(bad.getvalue()))
+    assert got.mean() > 100 and np.abs(got.astype(int) - want).mean() < 1

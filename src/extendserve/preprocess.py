@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .config import PreprocessConfig
 from .errors import BadImageError
@@ -63,11 +63,15 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
             # Shrink by a whole factor before any conversion, so no full-size copy is ever made in
             # a wider type (a 7900x7900 16-bit PNG once cost 2.1 GB as float64).
             factor = max(1, min(im.size) // (2 * min_side)) if min_side else 1
+            orientation = _orientation(im)  # read first: the conversions below make new images without EXIF
             if im.mode in _WIDE:
                 im = _wide_to_l(im, factor)
+            elif im.mode in ("P", "1") and factor > 1:
+                im = _banded_reduce(im, factor)
             elif factor > 1:
-                im = im.reduce(factor) if im.mode not in ("P", "1") else im.convert("RGBA").reduce(factor)
-            im = ImageOps.exif_transpose(im) or im
+                im = im.reduce(factor)
+            if orientation in _TRANSPOSE:
+                im = im.transpose(_TRANSPOSE[orientation])
             return _to_rgb(im)
     except BadImageError:
         raise
@@ -85,22 +89,58 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
         raise BadImageError(f"{source}: the image is too large to decode") from None
 
 
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what makes the photo upright (as ImageOps does)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except (ValueError, TypeError, OSError, SyntaxError):
+        return 1
+
+
+def _bands(h: int, w: int, factor: int) -> range:
+    """Row offsets of bands of about a megapixel, each a whole number of ``factor`` rows."""
+    rows = max(1, (1 << 20) // max(w, 1) // factor) * factor
+    return range(0, (h // factor) * factor, rows)
+
+
+def _banded_reduce(im: Image.Image, factor: int) -> Image.Image:
+    """A palette or 1-bit photo, converted and box-reduced a band of rows at a time: converting it
+    whole first made a full-size RGBA copy (a 7.8 KB 1-bit PNG of 7999x7999 cost 550 MB)."""
+    mode = "RGBA" if im.mode == "P" and "transparency" in im.info else "RGB"
+    w, h = im.size
+    ow, oh = max(1, w // factor), max(1, h // factor)
+    out = Image.new(mode, (ow, oh))
+    bands = _bands(h, w, factor)
+    for top in bands:
+        band = im.crop((0, top, ow * factor, min(top + bands.step, oh * factor))).convert(mode).reduce(factor)
+        out.paste(band, (0, top // factor))
+    return out
+
+
 def _wide_to_l(im: Image.Image, factor: int) -> Image.Image:
     """16-bit, 32-bit and float greyscale -> 8-bit, scaled (not clipped) and box-reduced by
     ``factor``, a band of rows at a time: memory beyond the decoded photo stays a few rows."""
     w, h = im.size
     ow, oh = max(1, w // factor), max(1, h // factor)
+    bands = _bands(h, w, factor)
+
+    def band_at(top: int) -> np.ndarray:
+        a = np.asarray(im.crop((0, top, ow * factor, min(top + bands.step, oh * factor))), dtype=np.float32)
+        return np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)  # one inf pixel once made the photo black
+
     if im.mode.startswith("I;16"):
         hi = 65535.0
-    else:
-        lo_hi = im.getextrema()
-        hi = max(float(lo_hi[1]), 1.0)  # type: ignore[index, arg-type]
+    else:  # the largest finite value, a band at a time
+        hi = max([1.0, *(float(band_at(top).max(initial=0.0)) for top in bands)])
         if im.mode == "I" and hi <= 255:
             hi = 255.0
     out = np.empty((oh, ow), np.uint8)
-    rows = max(1, (1 << 20) // max(w, 1) // factor) * factor  # about a megapixel a band
-    for top in range(0, oh * factor, rows):
-        band = np.asarray(im.crop((0, top, ow * factor, min(top + rows, oh * factor))), dtype=np.float32)
+    for top in bands:
+        band = band_at(top)
         band = band.reshape(band.shape[0] // factor, factor, ow, factor).mean(axis=(1, 3))
         out[top // factor : top // factor + len(band)] = np.clip(band / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(out, "L")
