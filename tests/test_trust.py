@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,43 @@ def test_a_store_version_holds_the_bytes_its_build_verified(synthetic_head, tmp_
     assert open(m.path_of("model.onnx"), "rb").read() == files["model.onnx"]
     assert open(m.path_of("manifest.json"), "rb").read() == files["manifest.json"]
     assert os.path.isfile(m.path_of("heads/shapes.pt"))
+
+
+def test_a_manifest_whose_labels_differ_from_the_model_is_refused(built_model, tmp_path):
+    from extendserve.runtime import Model
+
+    m = tmp_path / "relabelled"
+    shutil.copytree(built_model, m)
+    d = json.loads((m / "manifest.json").read_text())
+    d["labels"][-1] = "planted label"
+    (m / "manifest.json").write_text(json.dumps(d))
+    with pytest.raises(ExtendserveError, match="labels are not the ones inside model.onnx"):
+        Model(m)
+
+
+def test_a_planted_pinned_copy_is_never_served_and_a_read_only_cache_still_starts(built_model, tmp_path):
+    """The cache cannot be written (EXTENDSERVE_CACHE under /proc, unwritable even for root): the
+    service once fell back to $TMPDIR/extendserve-served-$UID/<sha> and served whatever folder was
+    there (another user's, with changed labels), or did not start at all."""
+    import tempfile
+
+    from extendserve.runtime import read_model_dir
+
+    from test_service import Server, disc
+
+    sha = read_model_dir(built_model)[0].model_sha256
+    planted = Path(tempfile.gettempdir()) / f"extendserve-served-{os.getuid()}" / sha
+    shutil.rmtree(planted, ignore_errors=True)
+    shutil.copytree(built_model, planted)
+    d = json.loads((planted / "manifest.json").read_text())
+    d["labels"] = [f"planted {i}" for i in range(len(d["labels"]))]
+    (planted / "manifest.json").write_text(json.dumps(d))
+    try:
+        s = Server(built_model, tmp_path, EXTENDSERVE_CACHE="/proc/extendserve-read-only", EXTENDSERVE_WORKERS="1")
+        try:
+            status, body = s.post("/classify", [("image", disc(), "disc.jpg")])
+            assert status == 200 and body["predictions"][0]["label"] == "red discs", body
+        finally:
+            s.stop()
+    finally:
+        shutil.rmtree(planted, ignore_errors=True)

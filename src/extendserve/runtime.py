@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from .config import PreprocessConfig
 from .engines import Engine, OrtEngine, choose
 from .errors import BadImageError, ExtendserveError
 from .manifest import Manifest
@@ -125,6 +126,26 @@ def read_model_dir(directory: str | os.PathLike[str]) -> tuple[Manifest, bytes]:
     return manifest, data
 
 
+def check_metadata(sess: ort.InferenceSession, manifest: Manifest, where: Path) -> None:
+    """The manifest's labels and preprocessing must be the copies ``model.onnx`` carries (its sha256,
+    which the manifest records, covers those): a manifest edited to rename classes or change the
+    preprocessing is refused, not served."""
+    import json
+
+    meta = sess.get_modelmeta().custom_metadata_map
+    try:
+        labels = json.loads(meta["labels"]) if "labels" in meta else None
+        pre = PreprocessConfig.from_dict(json.loads(meta["preprocess"])) if "preprocess" in meta else None
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise ExtendserveError(f"{where}: model.onnx's own labels or preprocessing are unreadable; rebuild the model") from None
+    if labels is not None and [str(x) for x in labels] != list(manifest.labels):
+        raise ExtendserveError(f"{where}: manifest.json's labels are not the ones inside model.onnx (the manifest was "
+                               "changed after the build); restore it or rebuild the model")
+    if pre is not None and pre != manifest.preprocess:
+        raise ExtendserveError(f"{where}: manifest.json's preprocessing is not the one inside model.onnx (the manifest "
+                               "was changed after the build); restore it or rebuild the model")
+
+
 class Model:
     """A built model directory: ``model.onnx`` plus ``manifest.json``, checked against each other
     when loaded (sha256, label count = output width), so a mismatched pair fails at start-up."""
@@ -147,6 +168,7 @@ class Model:
         if width != len(self.labels):
             raise ExtendserveError(f"{self.dir}: model.onnx gives {width} outputs but the manifest has "
                                    f"{len(self.labels)} labels; rebuild the model")
+        check_metadata(self.session, self.manifest, self.dir)
         self.device = active_device(self.session)
         # models built before the scores output: the same softmax, in numpy
         self.has_scores = "scores" in [o.name for o in self.session.get_outputs()]

@@ -1,11 +1,15 @@
 """Which model a service serves: resolved once when the service starts, checked, and pinned.
 
 ``bentoml serve`` imports the service module in its main process, then starts the workers with a
-copy of that process's environment. The main process resolves the model folder, checks
-``model.onnx`` against ``manifest.json``, copies the pair into a private, read-only folder named
-by the model's sha256, and records that folder in ``EXTENDSERVE_PINNED_MODEL``; every worker,
-including one restarted hours later, loads that copy. A rebuild of the source folder is served
-only after a restart of the whole service, never by some workers and not others. No torch here.
+copy of that process's environment. The main process resolves the model folder, reads
+``model.onnx`` and ``manifest.json`` once, checks them against each other, writes those very bytes
+into a new private folder of its own (``mkdtemp``: this user only, never one found there, so a
+folder planted by another user or left by another service is never served), and records it in
+``EXTENDSERVE_PINNED_MODEL`` with the model's sha256; every worker, including one restarted hours
+later, loads that copy and checks its sha256. A rebuild of the source folder is served only after
+a restart of the whole service, never by some workers and not others. Where no folder can be
+written (a read-only cache and /tmp), the service still starts: its workers read the source folder
+and refuse a model whose sha256 is not the one the main process checked. No torch here.
 """
 
 from __future__ import annotations
@@ -29,44 +33,62 @@ PIN_ENV = "EXTENDSERVE_PINNED_MODEL"
 log = logging.getLogger("extendserve")
 
 
+PIN_SHA_ENV = "EXTENDSERVE_PINNED_SHA256"
+
+
 def pin_model(directory: str | os.PathLike[str]) -> Path:
-    """Check ``directory`` and return its private, immutable copy (made once per sha256)."""
+    """Check ``directory`` and return a private copy of it written now by this process (or the
+    folder itself where nothing can be written: the workers then check its sha256)."""
     manifest, data = read_model_dir(directory)
-    sha = manifest.model_sha256
+    manifest_bytes = manifest.to_bytes()  # the manifest as read and checked, not the file read again
     for root in (cache_root() / "served", Path(tempfile.gettempdir()) / f"extendserve-served-{os.getuid()}"):
-        pinned = root / sha
         try:
-            if (pinned / "model.onnx").is_file():
-                read_model_dir(pinned)  # an existing pin must still be intact
-                return pinned
-        except Exception:  # a damaged pin: replace it below
-            shutil.rmtree(pinned, ignore_errors=True)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{sha[:12]}-", dir=root))
-            (tmp / "model.onnx").write_bytes(data)
-            shutil.copyfile(Path(directory) / "manifest.json", tmp / "manifest.json")
-            read_model_dir(tmp)  # the manifest may have changed since it was read: check the copy
-            for f in tmp.iterdir():
+            root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            _drop_stale_pins(root)
+            pinned = Path(tempfile.mkdtemp(prefix=f"{manifest.model_sha256[:12]}-{os.getpid()}-", dir=root))
+            (pinned / "model.onnx").write_bytes(data)
+            (pinned / "manifest.json").write_bytes(manifest_bytes)
+            read_model_dir(pinned)  # what was written is what was checked
+            for f in pinned.iterdir():
                 f.chmod(0o444)
-            try:
-                os.rename(tmp, pinned)
-            except OSError:  # another service pinned the same model first
-                shutil.rmtree(tmp, ignore_errors=True)
             return pinned
-        except PermissionError:
-            continue  # a read-only cache: pin under the temporary folder instead
-    raise OSError(f"cannot write a private copy of {directory} under {cache_root()} or {tempfile.gettempdir()}")
+        except OSError as e:  # a read-only cache (EROFS, EACCES): the next place, then none
+            log.info("extendserve: cannot pin the model under %s (%s)", root, e.strerror or e)
+    log.warning("extendserve: no writable folder for a private copy of the model (cache and %s are read-only); "
+                "serving %s in place, its sha256 checked by every worker", tempfile.gettempdir(), directory)
+    return Path(directory)
+
+
+def _drop_stale_pins(root: Path) -> None:
+    """Copies pinned by services that have ended (their pid is gone); only this user's."""
+    for p in root.iterdir():
+        try:
+            pid = int(p.name.split("-")[1])
+            if p.stat().st_uid != os.getuid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            for f in p.iterdir() if p.is_dir() else []:
+                f.chmod(0o644)
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, OSError):
+            continue
 
 
 def served_model_dir(directory: str | os.PathLike[str]) -> Path:
     """The pinned copy for this service: made by the first process to ask (the main process),
-    inherited by every worker through the environment."""
+    inherited by every worker through the environment with the sha256 it must have."""
     pinned = os.environ.get(PIN_ENV)
     if pinned:
+        want = os.environ.get(PIN_SHA_ENV)
+        manifest, _ = read_model_dir(pinned)
+        if want and manifest.model_sha256 != want:
+            raise ExtendserveError(f"{pinned}: the model changed since the service started (sha256 "
+                                   f"{manifest.model_sha256[:12]}, started with {want[:12]}); restart the service")
         return Path(pinned)
     path = pin_model(directory)
     os.environ[PIN_ENV] = str(path)
+    os.environ[PIN_SHA_ENV] = read_model_dir(path)[0].model_sha256
     return path
 
 
