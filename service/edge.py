@@ -98,7 +98,7 @@ class HttpEdge:
         if scope["type"] != "http" or scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         path = scope.get("path", "").rstrip("/")
-        limit = self.batch_limit if path.endswith("_batch") else self.limit
+        limit = self.batch_limit if path.endswith("_batch") or path.endswith("/infer") else self.limit
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:

@@ -39,6 +39,8 @@ class Info(BaseModel):
     engine: dict[str, Any] = Field(description="the engine running the model (onnxruntime or OpenVINO) and why")
     batching: dict[str, float] = Field(description="this worker's micro-batcher: model calls and photos so far, "
                                                     "max_batch, window_ms")
+    workers: dict[str, Any] = Field(description="workers, threads per worker and the CPUs they follow (the "
+                                                "cgroup's CPU quota where there is one)")
     versions: dict[str, str]
 
 

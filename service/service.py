@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +34,11 @@ from extendserve.errors import BadImageError, ExtendserveError
 from extendserve.manifest import without_paths
 from extendserve.runtime import Model
 from extendserve.served import give_back_memory, resolve_served_model
-from extendserve.settings import ServiceSettings
+from extendserve.settings import ServiceSettings, cgroup_cpus, cores
 
 from .edge import ClientError, HttpEdge, answers_client_errors
+from .oip import ProtocolError, classification
+from .oip import router as v2_router
 from .schema import Classification, Info, TopK, with_description
 
 log = logging.getLogger("extendserve")
@@ -82,6 +85,27 @@ def _engine_choice() -> dict[str, Any] | None:
     return report
 
 
+# Ready means every worker has warmed up: each leaves a mark named by its pid in a folder the main
+# process made (its workers inherit the path); /readyz and /v2/health/ready count the live ones.
+READY_ENV = "EXTENDSERVE_READY_DIR"
+if READY_ENV not in os.environ:
+    try:
+        os.environ[READY_ENV] = tempfile.mkdtemp(prefix="extendserve-ready-")
+    except OSError:
+        os.environ[READY_ENV] = ""  # nowhere to write: a worker that answers is a warm one
+READY_DIR = Path(os.environ[READY_ENV]) if os.environ[READY_ENV] else None
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+
+
 try:
     ENGINE_REPORT = _engine_choice()
 except (ExtendserveError, OSError) as e:
@@ -95,6 +119,9 @@ pages = FastAPI(title="extendserve pages")
 @pages.get("/info", response_model=Info)
 async def info() -> dict[str, Any]:
     return bentoml.get_current_service().info_payload()
+
+
+pages.include_router(v2_router)
 
 
 @pages.get("/ui", response_class=FileResponse, responses={200: {"content": {"text/html": {}}}})
@@ -135,6 +162,47 @@ class Classifier:
         # photo is 36 MB, and six concurrent batches once took a worker from 333 MB to 1 GB for good.
         self.decoding = asyncio.Semaphore(S.decoding)
         self.batches = 0  # batch requests in progress; the last one out gives memory back
+        if READY_DIR is not None:
+            try:
+                (READY_DIR / str(os.getpid())).touch()
+            except OSError:
+                pass
+
+    def __is_ready__(self) -> bool:
+        """Every worker has loaded and warmed up the model (BentoML's /readyz asks this)."""
+        if READY_DIR is None:
+            return True
+        try:
+            return sum(_alive(p.name) for p in READY_DIR.iterdir()) >= S.workers
+        except OSError:
+            return True
+
+    # The Open Inference Protocol's name for this model: its store name (extendserve-default), else
+    # the model folder's name; its version: the store version, else the model's sha256 prefix.
+    v2_name = MODEL_TAG.split(":")[0] if MODEL_TAG else Path(MODEL_SOURCE).name
+    max_batch_photos = S.max_batch_photos
+
+    @property
+    def v2_version(self) -> str:
+        return MODEL_TAG.split(":")[1] if MODEL_TAG else self.model.manifest.model_sha256[:12]
+
+    async def infer_v2(self, req: Any) -> list[tuple[Any, np.ndarray]]:
+        """An Open Inference Protocol request (see oip): the same decoding, limits and batcher as /classify."""
+        try:
+            if req.pixels is None:
+                pixels = []
+                for start in range(0, len(req.photos), S.chunk):
+                    chunk = req.photos[start : start + S.chunk]
+                    pixels += await asyncio.gather(*[self._prepare(p, f"image {start + i}") for i, p in enumerate(chunk)])
+            else:
+                pixels = list(req.pixels)
+        except ClientError as e:
+            raise ProtocolError(e.status, e.message) from None
+        values = {"scores": np.stack(await asyncio.gather(*[self.batcher.submit(x) for x in pixels]))}
+        if any(o.name == "logits" for o in req.outputs):
+            values["logits"] = await asyncio.to_thread(self.model.logits, np.stack(pixels))
+        return [(o, classification(values[o.name], o.classification, self.model.labels) if o.classification
+                 else values[o.name]) for o in req.outputs]
 
     def info_payload(self) -> dict[str, Any]:
         import onnxruntime
@@ -155,6 +223,8 @@ class Classifier:
             "device": self.model.device,
             "providers": self.model.providers,
             "batching": self.batcher.stats(),
+            "workers": {"workers": S.workers, "threads_per_worker": S.threads, "cpus": cores(),
+                        "cpu_quota": cgroup_cpus(), "decoding_per_worker": S.decoding},
             "engine": self.model.engine_report,
             "versions": {"extendserve": __version__, "onnxruntime": onnxruntime.__version__,
                          "bentoml": bentoml.__version__, "numpy": np.__version__,

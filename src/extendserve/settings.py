@@ -27,7 +27,44 @@ def _number(env: Mapping[str, str], name: str, default: float, kind: type = int,
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """CPUs this process may use: the CPUs it may run on, capped by its cgroup's CPU quota (a
+    container given 2 CPUs on a 64-core host must start 2 workers' worth of threads, not 64)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpus()
+    return max(1, min(n, math.ceil(quota))) if quota else n
+
+
+def cgroup_cpus(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPU quota of this process's cgroup, in CPUs (cgroup v2 ``cpu.max``, v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None where there is none."""
+    from pathlib import Path
+
+    try:
+        own = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        own = []
+    v2 = next((ln.split(":", 2)[2] for ln in own if ln.startswith("0::")), None)
+    v1 = next((ln.split(":", 2)[2] for ln in own if "cpu" in ln.split(":")[1].split(",")), None)
+    candidates = []
+    if v2 is not None:
+        candidates += [(Path(root) / v2.lstrip("/") / "cpu.max", None), (Path(root) / "cpu.max", None)]
+    if v1 is not None:
+        for base in ("cpu,cpuacct", "cpu"):
+            candidates += [(Path(root) / base / v1.lstrip("/") / "cpu.cfs_quota_us", "v1"),
+                           (Path(root) / base / "cpu.cfs_quota_us", "v1")]
+    for path, kind in candidates:
+        try:
+            if kind is None:
+                quota, period = path.read_text().split()[:2]
+            else:
+                quota, period = path.read_text().strip(), (path.parent / "cpu.cfs_period_us").read_text().strip()
+            if quota not in ("max", "-1") and int(period) > 0:
+                return int(quota) / int(period)
+            if quota in ("max", "-1"):
+                return None
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,307 @@
+"""The Open Inference Protocol (KServe v2), beside /classify: what Triton's and KServe's clients speak.
+
+``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/NAME[/versions/V]`` and its
+``/ready``, ``POST /v2/models/NAME[/versions/V]/infer``. Inputs: ``image`` (BYTES, one encoded photo
+a row: raw bytes in the binary tensor data extension, base64 strings in plain JSON) or ``pixels``
+(UINT8 [n, crop, crop, 3], already resized and cropped as the manifest says). Outputs: ``scores``
+and ``logits`` (FP32 [n, classes]); an output asked for with ``parameters.classification = k``
+answers Triton's classification extension (BYTES ``"score:index:label"``, best first). The same
+decoding, limits, batching and checks as /classify; errors are 4xx with ``{"error": ...}``. This
+module parses and writes the protocol; the service runs the model. No torch here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import bentoml
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+HEADER_LENGTH = "inference-header-content-length"  # the binary tensor data extension's header
+INPUTS = ("image", "pixels")
+OUTPUTS = ("scores", "logits")
+MAX_HEADER = 1 << 20  # bytes of JSON a request's header may hold (the photos travel as binary or base64)
+
+
+class ProtocolError(Exception):
+    """A request the protocol refuses: answered ``status`` with ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+@dataclass
+class Wanted:
+    name: str
+    binary: bool
+    classification: int = 0
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    photos: list[bytes] = field(default_factory=list)  # encoded photos (input image)
+    pixels: np.ndarray | None = None  # uint8 [n, crop, crop, 3] (input pixels)
+    outputs: list[Wanted] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.photos) if self.pixels is None else len(self.pixels)
+
+
+def parse_infer(body: bytes, header_length: str | None, crop: int, classes: int, max_rows: int) -> InferRequest:
+    """A v2 infer request (plain JSON, or JSON then binary tensor data) -> what to run."""
+    if header_length is not None:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise ProtocolError(400, f"Inference-Header-Content-Length {header_length[:20]!r} is not the length of "
+                                     "the JSON header at the start of the body")
+        n = int(header_length)
+        head, rest = body[:n], body[n:]
+    else:
+        head, rest = body, b""
+    if header_length is not None and len(head) > MAX_HEADER:
+        raise ProtocolError(400, f"the JSON header is over {MAX_HEADER // 1024} KB; send photos as binary tensor data")
+    try:
+        req = json.loads(head.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise ProtocolError(400, "the request is not JSON (UTF-8); send {\"inputs\": [...]} as the Open Inference "
+                                 "Protocol says, photos as base64 strings or as binary tensor data") from None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or not req["inputs"]:
+        raise ProtocolError(400, "the request has no 'inputs' list; give the input 'image' (BYTES) or 'pixels' (UINT8)")
+    out = InferRequest(id=str(req["id"])[:256] if isinstance(req.get("id"), (str, int)) else None)
+    offset = 0
+    for inp in req["inputs"]:
+        if not isinstance(inp, dict) or inp.get("name") not in INPUTS:
+            name = inp.get("name") if isinstance(inp, dict) else inp
+            raise ProtocolError(400, f"unknown input {str(name)[:40]!r}; this model takes 'image' (BYTES, encoded "
+                                     f"photos) or 'pixels' (UINT8 [n, {crop}, {crop}, 3])")
+        params = inp.get("parameters") or {}
+        raw = None
+        if isinstance(params, dict) and "binary_data_size" in params:
+            size = params["binary_data_size"]
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(rest):
+                raise ProtocolError(400, f"input {inp['name']}: binary_data_size {str(size)[:20]} is more than the "
+                                         "binary data after the header")
+            raw, offset = rest[offset : offset + size], offset + size
+        elif "data" not in inp:
+            raise ProtocolError(400, f"input {inp['name']}: no 'data' and no binary_data_size; give one")
+        shape = _shape(inp)
+        if inp["name"] == "image":
+            if inp.get("datatype") != "BYTES":
+                raise ProtocolError(400, "input image: datatype must be BYTES (one encoded photo a row)")
+            out.photos = _bytes_elements(raw) if raw is not None else _base64_elements(inp["data"])
+            if not shape or shape[0] != len(out.photos) or int(np.prod(shape)) != len(out.photos):
+                raise ProtocolError(400, f"input image: shape {shape} does not hold the {len(out.photos)} photos sent; "
+                                         "give shape [n] (or [n, 1]) for n photos")
+        else:
+            out.pixels = _pixels(inp, raw, shape, crop)
+    if offset != len(rest):
+        raise ProtocolError(400, f"{len(rest) - offset} bytes of binary data after the inputs that no input declares")
+    if out.photos and out.pixels is not None:
+        raise ProtocolError(400, "give either 'image' or 'pixels', not both")
+    if not out.rows:
+        raise ProtocolError(400, "no photos in the request")
+    if out.rows > max_rows:
+        raise ProtocolError(413, f"{out.rows} photos in one request is over the limit of {max_rows} "
+                                 "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
+    out.outputs = _outputs(req, classes)
+    return out
+
+
+def _shape(inp: dict[str, Any]) -> list[int]:
+    shape = inp.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(400, f"input {inp['name']}: 'shape' must be a list of whole numbers")
+    return shape
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    """A BYTES tensor in the binary extension: each element a 4-byte little-endian length, then its bytes."""
+    items, at = [], 0
+    while at < len(raw):
+        if at + 4 > len(raw):
+            raise ProtocolError(400, "input image: binary BYTES data cut inside an element's 4-byte length")
+        (n,) = struct.unpack_from("<I", raw, at)
+        if at + 4 + n > len(raw):
+            raise ProtocolError(400, "input image: a binary BYTES element is longer than the data sent")
+        items.append(raw[at + 4 : at + 4 + n])
+        at += 4 + n
+    return items
+
+
+def _base64_elements(data: Any) -> list[bytes]:
+    flat = data if isinstance(data, list) else [data]
+    if any(isinstance(x, list) for x in flat):
+        flat = [y for x in flat for y in (x if isinstance(x, list) else [x])]
+    out = []
+    for i, s in enumerate(flat):
+        if not isinstance(s, str):
+            raise ProtocolError(400, f"input image: element {i} is not a string; in JSON, send each photo as a base64 string")
+        try:
+            out.append(base64.b64decode(s, validate=True))
+        except (binascii.Error, ValueError):
+            raise ProtocolError(400, f"input image: element {i} is not base64; in JSON, send each photo's bytes as "
+                                     "base64 (or the raw bytes as binary tensor data)") from None
+    return out
+
+
+def _pixels(inp: dict[str, Any], raw: bytes | None, shape: list[int], crop: int) -> np.ndarray:
+    if inp.get("datatype") != "UINT8":
+        raise ProtocolError(400, "input pixels: datatype must be UINT8")
+    if len(shape) != 4 or shape[1:] != [crop, crop, 3]:
+        raise ProtocolError(400, f"input pixels: shape must be [n, {crop}, {crop}, 3] (resized and cropped as the "
+                                 f"model's preprocess says), not {shape}")
+    count = int(np.prod(shape))
+    if raw is not None:
+        if len(raw) != count:
+            raise ProtocolError(400, f"input pixels: {len(raw)} bytes of binary data for shape {shape} ({count} values)")
+        return np.frombuffer(raw, np.uint8).reshape(shape)
+    try:
+        a = np.asarray(inp["data"], dtype=np.int64)
+    except (ValueError, TypeError, OverflowError):
+        raise ProtocolError(400, "input pixels: 'data' must be whole numbers 0-255") from None
+    if a.size != count or (a.size and (a.min() < 0 or a.max() > 255)):
+        raise ProtocolError(400, f"input pixels: 'data' must hold {count} whole numbers 0-255 for shape {shape}")
+    return a.astype(np.uint8).reshape(shape)
+
+
+def _outputs(req: dict[str, Any], classes: int) -> list[Wanted]:
+    params = req.get("parameters") if isinstance(req.get("parameters"), dict) else {}
+    default_binary = bool(params.get("binary_data_output", False))
+    asked = req.get("outputs")
+    if asked is None:
+        return [Wanted(name, default_binary) for name in OUTPUTS]
+    if not isinstance(asked, list):
+        raise ProtocolError(400, "'outputs' must be a list")
+    wanted = []
+    for o in asked:
+        if not isinstance(o, dict) or o.get("name") not in OUTPUTS:
+            name = o.get("name") if isinstance(o, dict) else o
+            raise ProtocolError(400, f"unknown output {str(name)[:40]!r}; this model gives 'scores' and 'logits'")
+        p = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
+        k = p.get("classification", 0)
+        if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= classes:
+            raise ProtocolError(400, f"output {o['name']}: classification must be a whole number from 1 to {classes}")
+        wanted.append(Wanted(o["name"], bool(p.get("binary_data", default_binary)), k))
+    return wanted
+
+
+def classification(values: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
+    """Triton's classification extension: each row's top ``k`` as ``"value:index:label"``, best first."""
+    idx = np.argsort(-values, axis=1, kind="stable")[:, :k]
+    return np.array([[f"{row[i]:f}:{i}:{labels[i]}".encode() for i in top] for row, top in zip(values, idx)],
+                    dtype=object)
+
+
+def encode_response(model: str, version: str, req_id: str | None,
+                    tensors: list[tuple[Wanted, np.ndarray]]) -> tuple[bytes, dict[str, str]]:
+    """The response body and its headers: plain JSON, or JSON then binary data where asked for."""
+    outputs, blobs = [], []
+    for want, value in tensors:
+        is_bytes = value.dtype == object
+        entry: dict[str, Any] = {"name": want.name, "datatype": "BYTES" if is_bytes else "FP32", "shape": list(value.shape)}
+        if want.binary:
+            blob = (b"".join(struct.pack("<I", len(x)) + x for x in value.reshape(-1)) if is_bytes
+                    else np.ascontiguousarray(value, "<f4").tobytes())
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = ([x.decode() for x in value.reshape(-1)] if is_bytes
+                             else [float(x) for x in value.reshape(-1)])
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
+    if req_id is not None:
+        body["id"] = req_id
+    head = json.dumps(body).encode()
+    if not blobs:
+        return head, {"content-type": "application/json"}
+    return head + b"".join(blobs), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+
+
+def model_metadata(name: str, version: str, crop: int, classes: int) -> dict[str, Any]:
+    return {"name": name, "versions": [version], "platform": "onnxruntime_onnx",
+            "inputs": [{"name": "image", "datatype": "BYTES", "shape": [-1]},
+                       {"name": "pixels", "datatype": "UINT8", "shape": [-1, crop, crop, 3]}],
+            "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
+                        {"name": "logits", "datatype": "FP32", "shape": [-1, classes]}]}
+
+
+# --------------------------------------------------------------------------- the routes
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _model(name: str) -> Any:
+    """The service if ``name`` is the model it serves, else a ProtocolError (404)."""
+    svc = bentoml.get_current_service()
+    if name != svc.v2_name:
+        raise ProtocolError(404, f"no model {name[:80]!r} here; this server serves {svc.v2_name!r} (GET /v2/models/"
+                                 f"{svc.v2_name})")
+    return svc
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    from extendserve import __version__
+
+    return {"name": "extendserve", "version": __version__, "extensions": ["classification", "binary_tensor_data"]}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, Any]:
+    return {"live": True}
+
+
+@router.get("/health/ready", response_model=None)
+async def ready() -> Any:
+    ok = bentoml.get_current_service().__is_ready__()
+    return {"ready": True} if ok else _error(503, "not ready: the workers are still warming up")
+
+
+@router.get("/models/{name}", response_model=None)
+@router.get("/models/{name}/versions/{version}", response_model=None)
+async def metadata(name: str, version: str | None = None) -> Any:
+    try:
+        svc = _model(name)
+    except ProtocolError as e:
+        return _error(e.status, e.message)
+    crop, classes = svc.model.preprocess.crop, len(svc.model.labels)
+    return model_metadata(svc.v2_name, svc.v2_version, crop, classes)
+
+
+@router.get("/models/{name}/ready", response_model=None)
+@router.get("/models/{name}/versions/{version}/ready", response_model=None)
+async def model_ready(name: str, version: str | None = None) -> Any:
+    try:
+        svc = _model(name)
+    except ProtocolError as e:
+        return _error(e.status, e.message)
+    return {"name": name, "ready": True} if svc.__is_ready__() else _error(503, "not ready: still warming up")
+
+
+@router.post("/models/{name}/infer", response_model=None)
+@router.post("/models/{name}/versions/{version}/infer", response_model=None)
+async def infer(name: str, request: Request, version: str | None = None) -> Response:
+    """Photos (BYTES ``image``) or pixels (UINT8 ``pixels``) -> ``scores`` and ``logits``."""
+    try:
+        svc = _model(name)
+        body = await request.body()
+        req = parse_infer(body, request.headers.get(HEADER_LENGTH), svc.model.preprocess.crop,
+                          len(svc.model.labels), svc.max_batch_photos)
+        tensors = await svc.infer_v2(req)
+    except ProtocolError as e:
+        return _error(e.status, e.message)
+    data, headers = encode_response(svc.v2_name, svc.v2_version, req.id, tensors)
+    return Response(data, headers=headers)
