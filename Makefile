@@ -69,4 +69,24 @@ bench-world: install
 bench-unfreeze: install
 	$(BIN)/python bench/unfreeze_bench.py
 
-.PHONY: install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser
+# The service as a container image (docker, else podman), holding MODEL (default the demo's, built
+# first if the store lacks it): extendserve:cpu from bentofile.cpu.yaml, extendserve:gpu from bentofile.yaml.
+MODEL ?= extendserve-default:latest
+image: install model image-deps
+	MODEL=$(MODEL) BIN=$(BIN) tools/image.sh cpu
+
+image-gpu: install model image-deps
+	MODEL=$(MODEL) BIN=$(BIN) tools/image.sh gpu
+
+# podman, runc and debootstrap from Debian's packages, where there is no Docker engine.
+image-deps:
+	@(command -v docker >/dev/null && docker info >/dev/null 2>&1) || \
+		(command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null) || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null)
+
+# The image's own check (CI runs it after make test): builds extendserve:cpu, runs it read-only as a
+# non-root user, classifies over /classify and the Open Inference Protocol, drains on SIGTERM.
+test-image: image install-test
+	$(BIN)/python -m pytest -q tests/image_check.py
+
+.PHONY: image image-gpu image-deps test-image install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser

@@ -3,7 +3,6 @@ manifest names, deeply nested manifests. Real files, real builds, real onnxrunti
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -126,9 +125,8 @@ def test_a_second_build_into_the_same_folder_or_name_is_refused(synthetic_head, 
         r = run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "n"), "--name", "samename",
                     check=False)
         assert r.returncode != 0 and "another build is writing the store model extendserve-samename" in r.stderr
-    lock = tmp_path / ".m.lock"  # the lock goes with the process that held it
-    with open(lock) as f:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with build_lock(output_dir(out), "extendserve-samename"):  # the lock went with the one that held it
+        assert not list(tmp_path.iterdir())  # refused builds wrote nothing, and no lock file lies here
 
 
 def test_a_store_version_holds_the_bytes_its_build_verified(synthetic_head, tmp_path):

@@ -67,15 +67,17 @@ def output_dir(out_dir: str | os.PathLike[str]) -> OutputDir:
 def build_lock(out: OutputDir, store_name: str | None = None) -> Iterator[None]:
     """Held from before a build's work to its last write: a second build into the same folder or
     the same store name is refused at once (two at once once left a store tag holding the other
-    build's files). The lock files stay beside the folder and in the cache; the locks go with the process."""
+    build's files). The lock files live in the cache (none beside the user's folders); the locks
+    go with the process."""
+    import hashlib
+
     held: list[int] = []
-    where = [(out.final.parent / f".{out.final.name}.lock", f"-o {out.given}")]
+    where = [(f"dir-{hashlib.sha256(str(out.final).encode()).hexdigest()[:24]}", f"-o {out.given}")]
     if store_name is not None:
-        where.append((cache_root() / "locks" / f"{store_name}.lock", f"the store model {store_name}"))
+        where.append((f"store-{store_name}", f"the store model {store_name}"))
     try:
-        for path, what in where:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        for key, what in where:
+            fd = _lock_file(key)
             held.append(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -86,6 +88,17 @@ def build_lock(out: OutputDir, store_name: str | None = None) -> Iterator[None]:
     finally:
         for fd in held:
             os.close(fd)
+
+
+def _lock_file(key: str) -> int:
+    for root in (cache_root() / "locks", Path(tempfile.gettempdir()) / f"extendserve-locks-{os.getuid()}"):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return os.open(root / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            continue
+    raise BuildError(f"cannot write a lock file under {cache_root()} or {tempfile.gettempdir()}; set "
+                     "EXTENDSERVE_CACHE to a folder this user can write")
 
 
 def publish(built: BuiltModel, out: OutputDir, store_name: str | None = None) -> tuple[str, bool] | None:
