@@ -23,7 +23,17 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(MAKE) --no-print-directory build/kserve-sdk
 	touch $@ $(VENV)/.installed
+
+# KServe's API models (and the Kubernetes client's) for validating deploy/kserve.yaml offline: only
+# the generated models are used, so the SDKs go into a folder of their own, without their servers.
+build/kserve-sdk:
+	$(BIN)/pip install -q --no-deps --target $@ kserve==0.21.0 kubernetes==37.0.3 six==1.17.0 python-dateutil==2.9.0.post0
+
+# deploy/*.yaml against Kubernetes' and KServe's own schemas (no cluster runs here).
+validate-deploy: install-test
+	$(BIN)/python tools/validate_deploy.py
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -89,4 +99,4 @@ image-deps:
 test-image: image install-test
 	$(BIN)/python -m pytest -q tests/image_check.py
 
-.PHONY: image image-gpu image-deps test-image install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser
+.PHONY: validate-deploy image image-gpu image-deps test-image install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser
