@@ -16,7 +16,6 @@ import asyncio
 import functools
 import json
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -24,12 +23,11 @@ from typing import Any, TypeVar
 import bentoml
 from starlette.responses import JSONResponse, Response
 
+from .forms import FORM_FIELDS, boundary_of, canonical_form, strict_int
+
 log = logging.getLogger("extendserve")
 T = TypeVar("T")
 
-# What each endpoint's multipart form may hold: field -> must it be a file.
-FORM_FIELDS = {"/classify": {"image": True, "top_k": False}, "/classify_batch": {"images": True, "top_k": False}}
-MAX_BOUNDARY = 70  # RFC 2046: a multipart boundary is 1 to 70 characters
 
 
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
@@ -204,137 +202,6 @@ class HttpEdge:
         await send({"type": "http.response.body", "body": body})
 
 
-_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
-_PARAM = re.compile(rb';\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\\r\n]|\\.)*"|[^;\s]*)')
-PART_HEADERS = (b"content-disposition", b"content-type")
-MAX_PART_HEAD = 8 * 1024  # bytes of headers a part may carry
-
-
-class FormError(ValueError):
-    """A multipart form the edge refuses (answered 400 with this message)."""
-
-
-def params(value: bytes) -> dict[bytes, bytes]:
-    """A header's ``; name=value`` parameters, names lower-cased (``BOUNDARY=`` is ``boundary=``)."""
-    out: dict[bytes, bytes] = {}
-    for name, raw in _PARAM.findall(b";" + value.split(b";", 1)[1] if b";" in value else b""):
-        out[name.lower()] = raw[1:-1].replace(b'\\"', b'"') if raw.startswith(b'"') else raw
-    return out
-
-
-def boundary_of(content_type: bytes) -> bytes | None:
-    """A multipart Content-Type's boundary, or None."""
-    return params(content_type).get(b"boundary") or None
-
-
-def canonical_form(body: bytes, content_type: bytes, path: str, query_k: str | None, max_parts: int) -> bytes:
-    """A multipart form, parsed strictly and written out again in one plain shape for BentoML.
-
-    The edge and BentoML must not disagree about what a body holds: a folded or bogus header
-    line, two Content-Types, bytes after a boundary, a missing closing boundary, a text value
-    in the photo field (which BentoML once took for a URL to download) or more parts than the
-    limit are refused here with what to fix; what passes is rebuilt, so BentoML only ever parses
-    forms of one shape: each photo a file part, ``top_k`` once, digits only (the URL's ``?top_k=``
-    merged in, and refused when it disagrees with the form's)."""
-    fields = FORM_FIELDS[path]
-    photo = next(f for f, is_file in fields.items() if is_file)
-    hint = f"send the photo as the multipart field '{photo}' (curl -F {photo}=@photo.jpg)"
-    boundary = boundary_of(content_type)
-    if not boundary:
-        raise FormError(f"the multipart Content-Type has no boundary parameter; {hint}")
-    if len(boundary) > MAX_BOUNDARY:
-        raise FormError(f"the multipart boundary is {len(boundary)} characters long, over the {MAX_BOUNDARY} that "
-                        f"RFC 2046 allows; {hint}")
-    delim = b"--" + boundary
-    at = 0 if body.startswith(delim) else body.find(b"\r\n" + delim)
-    if at < 0:
-        raise FormError(f"the body holds no '--{boundary.decode('latin-1')}' boundary line; {hint}")
-    at += 0 if body.startswith(delim) else 2
-    photos: list[tuple[str, bytes]] = []
-    top_k: str | None = None
-    parts = 0
-    while True:
-        at += len(delim)
-        if body.startswith(b"--", at):  # the closing boundary: only padding and line ends may follow
-            if body[at + 2 :].strip(b" \t\r\n"):
-                raise FormError("bytes after the closing boundary; end the form with its closing boundary")
-            break
-        line_end = body.find(b"\r\n", at)
-        if line_end < 0 or body[at:line_end].strip(b" \t"):
-            raise FormError("bytes after a boundary on its line; each boundary line ends right after the boundary")
-        parts += 1
-        if parts > max_parts:
-            raise FormError(f"over {max_parts} parts in one form (EXTENDSERVE_MAX_BATCH_PHOTOS); split the photos "
-                            "over several requests")
-        head_end = body.find(b"\r\n\r\n", line_end)
-        if head_end < 0 or head_end - line_end > MAX_PART_HEAD:
-            raise FormError("a part's headers do not end in a blank line; send the form with curl -F or a "
-                            "multipart library")
-        headers = _part_headers(body[line_end + 2 : head_end])
-        nxt = body.find(b"\r\n" + delim, head_end + 4)
-        if nxt < 0:
-            raise FormError("the multipart body has no closing boundary; it may have been cut off, send it again")
-        value = body[head_end + 4 : nxt]
-        at = nxt + 2
-        disp = headers.get(b"content-disposition", b"")
-        if disp.split(b";")[0].strip().lower() != b"form-data" or b"name" not in params(disp):
-            raise FormError(f"a part has no 'Content-Disposition: form-data; name=...' header; {hint}")
-        p = params(disp)
-        field = p[b"name"].decode("utf-8", "replace")
-        if field not in fields:
-            raise FormError(f"unknown field {field[:40]!r}: this endpoint takes "
-                            + " and ".join(f"'{f}'" for f in fields) + f"; {hint}")
-        if fields[field]:
-            if b"filename" not in p:
-                raise FormError(f"the field '{field}' holds text, not a file; send the photo as a file "
-                                f"(curl -F {field}=@photo.jpg: the @ sends the file)")
-            if field in [f for f, _ in photos] and path == "/classify":
-                raise FormError(f"more than one '{photo}' field; /classify takes one photo, /classify_batch "
-                                "several ('images')")
-            photos.append((field, value))
-        else:
-            if b"filename" in p:
-                raise FormError(f"'{field}' is a number, not a file; send it as -F {field}=5")
-            if top_k is not None:
-                raise FormError(f"'{field}' is given more than once; give it once")
-            try:
-                top_k = strict_int(value.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                raise FormError(f"{field} must be a whole number written in digits, such as 5") from None
-    if not photos:
-        raise FormError(f"no '{photo}' field; {hint}")
-    if query_k is not None:
-        strict_int(query_k)
-        if top_k is not None and top_k.strip() != query_k.strip():
-            raise FormError(f"top_k is {query_k!r} in the URL and {top_k!r} in the form; give it once")
-        top_k = query_k
-    out = []
-    for i, (field, value) in enumerate(photos):
-        out.append(delim + f'\r\nContent-Disposition: form-data; name="{field}"; filename="photo-{i}"\r\n'
-                   "Content-Type: application/octet-stream\r\n\r\n".encode() + value + b"\r\n")
-    if top_k is not None:
-        out.append(delim + b'\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n' + top_k.strip().encode() + b"\r\n")
-    return b"".join(out) + delim + b"--\r\n"
-
-
-def _part_headers(block: bytes) -> dict[bytes, bytes]:
-    headers: dict[bytes, bytes] = {}
-    for line in block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            raise FormError("a folded header line in a part (a line starting with a space); write each header on one line")
-        name, sep, value = line.partition(b":")
-        if not sep or not _TOKEN.match(name):
-            raise FormError(f"a part's header line {line[:60].decode('latin-1')!r} is not 'Name: value'")
-        key = name.lower()
-        if key not in PART_HEADERS:
-            raise FormError(f"a part carries the header {name[:40].decode('latin-1')!r}; a form part here takes only "
-                            "Content-Disposition and Content-Type")
-        if key in headers:
-            raise FormError(f"a part carries two {name.decode('latin-1')} headers; give each once")
-        headers[key] = value.strip()
-    return headers
-
-
 def query_top_k(scope: Any) -> str | None:
     """``?top_k=`` as sent (the last one), or None."""
     from urllib.parse import parse_qs
@@ -355,12 +222,3 @@ def _replay(body: bytes, receive: Any) -> Any:
         return await receive()
 
     return again
-
-
-def strict_int(value: Any) -> Any:
-    """``top_k`` as ASCII digits only: '1e3', '5.0', 'true' and '²' are refused, not read as 1000, 5, 1, 2."""
-    ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-        isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()) is not None)
-    if not ok:  # BentoML reads form fields as JSON first: '1e3' arrives as 1000.0, 'true' as True
-        raise ValueError(f"top_k must be a whole number written in digits, such as 5, not {value!r}")
-    return value

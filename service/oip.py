@@ -7,7 +7,7 @@ a row: raw bytes in the binary tensor data extension, base64 strings in plain JS
 and ``logits`` (FP32 [n, classes]); an output asked for with ``parameters.classification = k``
 answers Triton's classification extension (BYTES ``"score:index:label"``, best first). The same
 decoding, limits, batching and checks as /classify; errors are 4xx with ``{"error": ...}``. This
-module parses and writes the protocol; the service runs the model. No torch here.
+module parses and writes the protocol (the routes are in v2.py). No torch here.
 """
 
 from __future__ import annotations
@@ -19,10 +19,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-import bentoml
 import numpy as np
-from fastapi import APIRouter, Request
-from starlette.responses import JSONResponse, Response
 
 HEADER_LENGTH = "inference-header-content-length"  # the binary tensor data extension's header
 INPUTS = ("image", "pixels")
@@ -232,76 +229,3 @@ def model_metadata(name: str, version: str, crop: int, classes: int) -> dict[str
                        {"name": "pixels", "datatype": "UINT8", "shape": [-1, crop, crop, 3]}],
             "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1, classes]},
                         {"name": "logits", "datatype": "FP32", "shape": [-1, classes]}]}
-
-
-# --------------------------------------------------------------------------- the routes
-
-router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
-
-
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
-
-
-def _model(name: str) -> Any:
-    """The service if ``name`` is the model it serves, else a ProtocolError (404)."""
-    svc = bentoml.get_current_service()
-    if name != svc.v2_name:
-        raise ProtocolError(404, f"no model {name[:80]!r} here; this server serves {svc.v2_name!r} (GET /v2/models/"
-                                 f"{svc.v2_name})")
-    return svc
-
-
-@router.get("")
-async def server_metadata() -> dict[str, Any]:
-    from extendserve import __version__
-
-    return {"name": "extendserve", "version": __version__, "extensions": ["classification", "binary_tensor_data"]}
-
-
-@router.get("/health/live")
-async def live() -> dict[str, Any]:
-    return {"live": True}
-
-
-@router.get("/health/ready", response_model=None)
-async def ready() -> Any:
-    ok = bentoml.get_current_service().__is_ready__()
-    return {"ready": True} if ok else _error(503, "not ready: the workers are still warming up")
-
-
-@router.get("/models/{name}", response_model=None)
-@router.get("/models/{name}/versions/{version}", response_model=None)
-async def metadata(name: str, version: str | None = None) -> Any:
-    try:
-        svc = _model(name)
-    except ProtocolError as e:
-        return _error(e.status, e.message)
-    crop, classes = svc.model.preprocess.crop, len(svc.model.labels)
-    return model_metadata(svc.v2_name, svc.v2_version, crop, classes)
-
-
-@router.get("/models/{name}/ready", response_model=None)
-@router.get("/models/{name}/versions/{version}/ready", response_model=None)
-async def model_ready(name: str, version: str | None = None) -> Any:
-    try:
-        svc = _model(name)
-    except ProtocolError as e:
-        return _error(e.status, e.message)
-    return {"name": name, "ready": True} if svc.__is_ready__() else _error(503, "not ready: still warming up")
-
-
-@router.post("/models/{name}/infer", response_model=None)
-@router.post("/models/{name}/versions/{version}/infer", response_model=None)
-async def infer(name: str, request: Request, version: str | None = None) -> Response:
-    """Photos (BYTES ``image``) or pixels (UINT8 ``pixels``) -> ``scores`` and ``logits``."""
-    try:
-        svc = _model(name)
-        body = await request.body()
-        req = parse_infer(body, request.headers.get(HEADER_LENGTH), svc.model.preprocess.crop,
-                          len(svc.model.labels), svc.max_batch_photos)
-        tensors = await svc.infer_v2(req)
-    except ProtocolError as e:
-        return _error(e.status, e.message)
-    data, headers = encode_response(svc.v2_name, svc.v2_version, req.id, tensors)
-    return Response(data, headers=headers)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from extendserve.runtime import Prediction
 
-from .edge import strict_int
+from .forms import strict_int
 
 TopK = Annotated[int, BeforeValidator(strict_int)]
 
@@ -58,3 +58,29 @@ def with_description(svc: Any, readme: Path) -> None:
             return self.bento.doc if self.bento is not None else text
 
     svc.__class__ = Documented
+
+
+def info_payload(model: Any, batching: dict[str, float], s: Any, tag: str | None, source: Any) -> dict[str, Any]:
+    """GET /info's body (see :class:`Info`); server paths only where EXTENDSERVE_INFO_PATHS=1."""
+    import sys
+
+    import bentoml
+    import numpy as np
+    import onnxruntime
+
+    from extendserve import __version__
+    from extendserve.manifest import without_paths
+    from extendserve.settings import cgroup_cpus, cores
+
+    m = model.manifest.to_dict()
+    payload = {k: m[k] for k in ("labels", "heads", "backbone", "preprocess", "verification", "opset", "model_sha256")}
+    payload |= {
+        "model_tag": tag, "model_version": tag.split(":")[1] if tag else None,
+        "model_dir": str(source), "pinned_copy": str(model.dir), "device": model.device, "providers": model.providers,
+        "batching": batching, "engine": model.engine_report,
+        "workers": {"workers": s.workers, "threads_per_worker": s.threads, "cpus": cores(), "cpu_quota": cgroup_cpus(),
+                    "decoding_per_worker": s.decoding},
+        "versions": {"extendserve": __version__, "onnxruntime": onnxruntime.__version__, "bentoml": bentoml.__version__,
+                     "numpy": np.__version__, "python": sys.version.split()[0]},
+    }
+    return payload if s.show_paths else without_paths(payload | {"model_dir": None, "pinned_copy": None})

@@ -9,12 +9,10 @@ process, so a bad one stops the whole service at once with the fix (see extendse
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +26,15 @@ try:
 except ImportError:  # inside a bento built from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from extendserve import __version__
 from extendserve.batching import MicroBatcher
 from extendserve.errors import BadImageError, ExtendserveError
-from extendserve.manifest import without_paths
 from extendserve.runtime import Model
-from extendserve.served import give_back_memory, resolve_served_model
-from extendserve.settings import ServiceSettings, cgroup_cpus, cores
+from extendserve.served import ReadyMarks, engine_choice, give_back_memory, resolve_served_model
+from extendserve.settings import ServiceSettings
 
 from .edge import ClientError, HttpEdge, answers_client_errors
-from .oip import ProtocolError, classification
-from .oip import router as v2_router
-from .schema import Classification, Info, TopK, with_description
+from .schema import Classification, Info, TopK, info_payload, with_description
+from .v2 import router as v2_router
 
 log = logging.getLogger("extendserve")
 
@@ -59,55 +54,8 @@ UI_PAGE = Path(__file__).with_name("ui.html")
 try:  # checked in bentoml serve's main process: a bad setting or model stops the whole service
     S = ServiceSettings.from_env()
     MODEL_TAG, MODEL_SOURCE, MODEL_DIR = resolve_served_model(__file__, S.device)
-except (ExtendserveError, OSError) as e:
-    _stop(str(e))
-
-
-# The CPU engine is chosen once, here in the main process, and handed to every worker through the
-# environment they inherit: two workers measuring for themselves once chose two engines for one
-# model (a difference of noise), and one photo's score then depended on the worker that answered.
-ENGINE_CHOICE = "EXTENDSERVE_ENGINE_CHOICE"
-
-
-def _engine_choice() -> dict[str, Any] | None:
-    if S.engine != "auto":
-        return None
-    key = f"{MODEL_DIR}|{S.device}|{S.threads}"
-    try:
-        got = json.loads(os.environ.get(ENGINE_CHOICE, "null"))
-        if isinstance(got, dict) and got.get("for") == key and isinstance(got.get("report"), dict):
-            return got["report"]  # a worker: the main process chose
-    except ValueError:
-        pass
-    report = Model(MODEL_DIR, device=S.device, threads=S.threads, engine="auto").engine_report
-    report = report | {"chosen": f"once at start, for all {S.workers} worker(s)"}
-    os.environ[ENGINE_CHOICE] = json.dumps({"for": key, "report": report})
-    return report
-
-
-# Ready means every worker has warmed up: each leaves a mark named by its pid in a folder the main
-# process made (its workers inherit the path); /readyz and /v2/health/ready count the live ones.
-READY_ENV = "EXTENDSERVE_READY_DIR"
-if READY_ENV not in os.environ:
-    try:
-        os.environ[READY_ENV] = tempfile.mkdtemp(prefix="extendserve-ready-")
-    except OSError:
-        os.environ[READY_ENV] = ""  # nowhere to write: a worker that answers is a warm one
-READY_DIR = Path(os.environ[READY_ENV]) if os.environ[READY_ENV] else None
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-        return True
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-
-
-try:
-    ENGINE_REPORT = _engine_choice()
+    ENGINE_REPORT = engine_choice(MODEL_DIR, S)  # the CPU engine, chosen once here for every worker
+    READY = ReadyMarks.for_service()
 except (ExtendserveError, OSError) as e:
     _stop(str(e))
 
@@ -162,76 +110,23 @@ class Classifier:
         # photo is 36 MB, and six concurrent batches once took a worker from 333 MB to 1 GB for good.
         self.decoding = asyncio.Semaphore(S.decoding)
         self.batches = 0  # batch requests in progress; the last one out gives memory back
-        if READY_DIR is not None:
-            try:
-                (READY_DIR / str(os.getpid())).touch()
-            except OSError:
-                pass
+        READY.mark()
 
     def __is_ready__(self) -> bool:
         """Every worker has loaded and warmed up the model (BentoML's /readyz asks this)."""
-        if READY_DIR is None:
-            return True
-        try:
-            return sum(_alive(p.name) for p in READY_DIR.iterdir()) >= S.workers
-        except OSError:
-            return True
+        return READY.all(S.workers)
 
-    # The Open Inference Protocol's name for this model: its store name (extendserve-default), else
-    # the model folder's name; its version: the store version, else the model's sha256 prefix.
+    # The Open Inference Protocol's name for this model (its store name, else its folder's) and version.
     v2_name = MODEL_TAG.split(":")[0] if MODEL_TAG else Path(MODEL_SOURCE).name
-    max_batch_photos = S.max_batch_photos
+    settings = S
 
     @property
     def v2_version(self) -> str:
         return MODEL_TAG.split(":")[1] if MODEL_TAG else self.model.manifest.model_sha256[:12]
 
-    async def infer_v2(self, req: Any) -> list[tuple[Any, np.ndarray]]:
-        """An Open Inference Protocol request (see oip): the same decoding, limits and batcher as /classify."""
-        try:
-            if req.pixels is None:
-                pixels = []
-                for start in range(0, len(req.photos), S.chunk):
-                    chunk = req.photos[start : start + S.chunk]
-                    pixels += await asyncio.gather(*[self._prepare(p, f"image {start + i}") for i, p in enumerate(chunk)])
-            else:
-                pixels = list(req.pixels)
-        except ClientError as e:
-            raise ProtocolError(e.status, e.message) from None
-        values = {"scores": np.stack(await asyncio.gather(*[self.batcher.submit(x) for x in pixels]))}
-        if any(o.name == "logits" for o in req.outputs):
-            values["logits"] = await asyncio.to_thread(self.model.logits, np.stack(pixels))
-        return [(o, classification(values[o.name], o.classification, self.model.labels) if o.classification
-                 else values[o.name]) for o in req.outputs]
-
     def info_payload(self) -> dict[str, Any]:
-        import onnxruntime
-
-        m = self.model.manifest.to_dict()
-        payload = {
-            "labels": m["labels"],
-            "heads": m["heads"],
-            "backbone": m["backbone"],
-            "preprocess": m["preprocess"],
-            "verification": m["verification"],
-            "opset": m["opset"],
-            "model_sha256": m["model_sha256"],
-            "model_tag": MODEL_TAG,
-            "model_version": MODEL_TAG.split(":")[1] if MODEL_TAG else None,
-            "model_dir": str(MODEL_SOURCE),
-            "pinned_copy": str(self.model.dir),
-            "device": self.model.device,
-            "providers": self.model.providers,
-            "batching": self.batcher.stats(),
-            "workers": {"workers": S.workers, "threads_per_worker": S.threads, "cpus": cores(),
-                        "cpu_quota": cgroup_cpus(), "decoding_per_worker": S.decoding},
-            "engine": self.model.engine_report,
-            "versions": {"extendserve": __version__, "onnxruntime": onnxruntime.__version__,
-                         "bentoml": bentoml.__version__, "numpy": np.__version__,
-                         "python": sys.version.split()[0]},
-        }
         # Server paths (training folders, head files, the store) only where a setting asks for them.
-        return payload if S.show_paths else without_paths(payload | {"model_dir": None, "pinned_copy": None})
+        return info_payload(self.model, self.batcher.stats(), S, MODEL_TAG, MODEL_SOURCE)
 
     async def _prepare(self, photo: Path | bytes, name: str) -> np.ndarray:
         """An uploaded file or a raw body -> the model's pixels, size-checked before it is read."""
@@ -248,23 +143,31 @@ class Classifier:
     async def classify_one(self, photo: Path | bytes, top_k: int) -> Classification:
         return (await self._classify([photo], top_k))[0]
 
-    async def _classify(self, paths: list[Path | bytes], top_k: int,
+    async def scores(self, photos: list[Path | bytes], ctx: bentoml.Context | None = None,
+                     pixels: list[np.ndarray] | None = None) -> list[np.ndarray]:
+        """Photos -> their score rows (their pixels appended to ``pixels`` if given), a chunk at a
+        time: a batch of hundreds takes turns in the decode threads and the model queue with single
+        requests, and stops once its client has gone."""
+        rows: list[np.ndarray] = []
+        for start in range(0, len(photos), S.chunk):
+            if start and ctx is not None and await ctx.request.is_disconnected():
+                log.info("extendserve: the client went away; stopped its batch after %d of %d photos", start, len(photos))
+                raise ClientError(499, "the client went away")
+            chunk = photos[start : start + S.chunk]
+            done = await asyncio.gather(*[self._prepare(p, f"image {start + i}" if len(photos) > 1 else "image")
+                                          for i, p in enumerate(chunk)])
+            if pixels is not None:
+                pixels += done
+            rows += await asyncio.gather(*[self.batcher.submit(x) for x in done])
+        return rows
+
+    async def _classify(self, photos: list[Path | bytes], top_k: int,
                         ctx: bentoml.Context | None = None) -> list[Classification]:
         try:
             self.model.check_top_k(top_k)
         except ExtendserveError as e:
             raise ClientError(400, str(e)) from None
-        rows: list[np.ndarray] = []
-        # A chunk at a time: a batch of hundreds takes turns in the decode threads and the model
-        # queue with single requests, rather than queueing all its photos ahead of theirs.
-        for start in range(0, len(paths), S.chunk):
-            if start and ctx is not None and await ctx.request.is_disconnected():
-                log.info("extendserve: the client went away; stopped its batch after %d of %d photos", start, len(paths))
-                raise ClientError(499, "the client went away")
-            chunk = paths[start : start + S.chunk]
-            pixels = await asyncio.gather(*[self._prepare(p, f"image {start + i}" if len(paths) > 1 else "image")
-                                            for i, p in enumerate(chunk)])
-            rows += await asyncio.gather(*[self.batcher.submit(x) for x in pixels])
+        rows = await self.scores(photos, ctx)
         return [Classification(predictions=row) for row in self.model.top_k(np.stack(rows), top_k)]
 
     @bentoml.api

@@ -15,6 +15,7 @@ and refuse a model whose sha256 is not the one the main process checked. No torc
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -30,6 +31,8 @@ from .errors import ExtendserveError
 from .runtime import read_model_dir
 
 PIN_ENV = "EXTENDSERVE_PINNED_MODEL"
+ENGINE_ENV = "EXTENDSERVE_ENGINE_CHOICE"
+READY_ENV = "EXTENDSERVE_READY_DIR"
 log = logging.getLogger("extendserve")
 
 
@@ -152,3 +155,67 @@ def resolve_served_model(service_file: str | os.PathLike[str], device: str,
         check_device(pinned, device)
         env["EXTENDSERVE_DEVICE_CHECKED"] = str(pinned)
     return tag, source, pinned
+
+
+def engine_choice(model_dir: Path, s: Any) -> dict[str, Any] | None:
+    """The CPU engine's report for this service (``s``: its settings): measured once, in the main
+    process, and handed to every worker through the environment they inherit. Two workers that
+    measured for themselves once chose two engines for one model (a difference of noise), and a
+    photo's score then depended on the worker that answered. None: the engine is forced."""
+    if s.engine != "auto":
+        return None
+    from .runtime import Model
+
+    key = f"{model_dir}|{s.device}|{s.threads}"
+    try:
+        got = json.loads(os.environ.get(ENGINE_ENV, "null"))
+        if isinstance(got, dict) and got.get("for") == key and isinstance(got.get("report"), dict):
+            return got["report"]  # a worker: the main process chose
+    except ValueError:
+        pass
+    report = Model(model_dir, device=s.device, threads=s.threads, engine="auto").engine_report
+    report = report | {"chosen": f"once at start, for all {s.workers} worker(s)"}
+    os.environ[ENGINE_ENV] = json.dumps({"for": key, "report": report})
+    return report
+
+
+class ReadyMarks:
+    """Ready means every worker has warmed up: each leaves a mark named by its pid in a folder the
+    main process made (its workers inherit the path); readiness counts the marks of live workers."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    @classmethod
+    def for_service(cls) -> ReadyMarks:
+        if READY_ENV not in os.environ:
+            try:
+                os.environ[READY_ENV] = tempfile.mkdtemp(prefix="extendserve-ready-")
+            except OSError:
+                os.environ[READY_ENV] = ""  # nowhere to write: a worker that answers is a warm one
+        return cls(Path(os.environ[READY_ENV]) if os.environ[READY_ENV] else None)
+
+    def mark(self) -> None:
+        if self.folder is not None:
+            try:
+                (self.folder / str(os.getpid())).touch()
+            except OSError:
+                self.folder = None
+
+    def all(self, workers: int) -> bool:
+        if self.folder is None:
+            return True
+        try:
+            return sum(_alive(p.name) for p in self.folder.iterdir()) >= workers
+        except OSError:
+            return True
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True

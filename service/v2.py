@@ -1,0 +1,103 @@
+"""The Open Inference Protocol's routes (KServe v2): the service's model behind /v2 (see oip)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import bentoml
+import numpy as np
+from fastapi import APIRouter, Request
+from starlette.responses import JSONResponse, Response
+
+from .edge import ClientError
+from .oip import HEADER_LENGTH, InferRequest, ProtocolError, Wanted, classification, encode_response, model_metadata, parse_infer
+
+
+async def run(svc: Any, req: InferRequest) -> list[tuple[Wanted, np.ndarray]]:
+    """A request's photos (decoded and checked as /classify's) or pixels -> the outputs it asks for."""
+    decoded: list[np.ndarray] = []
+    try:
+        if req.pixels is None:
+            scores = np.stack(await svc.scores(req.photos, pixels=decoded))
+        else:
+            decoded = list(req.pixels)
+            scores = np.stack(await asyncio.gather(*[svc.batcher.submit(x) for x in decoded]))
+    except ClientError as e:
+        raise ProtocolError(e.status, e.message) from None
+    values = {"scores": scores}
+    if any(o.name == "logits" for o in req.outputs):
+        values["logits"] = await asyncio.to_thread(svc.model.logits, np.stack(decoded))
+    return [(o, classification(values[o.name], o.classification, svc.model.labels) if o.classification
+             else values[o.name]) for o in req.outputs]
+
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _model(name: str) -> Any:
+    """The service if ``name`` is the model it serves, else a ProtocolError (404)."""
+    svc = bentoml.get_current_service()
+    if name != svc.v2_name:
+        raise ProtocolError(404, f"no model {name[:80]!r} here; this server serves {svc.v2_name!r} (GET /v2/models/"
+                                 f"{svc.v2_name})")
+    return svc
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    from extendserve import __version__
+
+    return {"name": "extendserve", "version": __version__, "extensions": ["classification", "binary_tensor_data"]}
+
+
+@router.get("/health/live")
+async def live() -> dict[str, Any]:
+    return {"live": True}
+
+
+@router.get("/health/ready", response_model=None)
+async def ready() -> Any:
+    ok = bentoml.get_current_service().__is_ready__()
+    return {"ready": True} if ok else _error(503, "not ready: the workers are still warming up")
+
+
+@router.get("/models/{name}", response_model=None)
+@router.get("/models/{name}/versions/{version}", response_model=None)
+async def metadata(name: str, version: str | None = None) -> Any:
+    try:
+        svc = _model(name)
+    except ProtocolError as e:
+        return _error(e.status, e.message)
+    crop, classes = svc.model.preprocess.crop, len(svc.model.labels)
+    return model_metadata(svc.v2_name, svc.v2_version, crop, classes)
+
+
+@router.get("/models/{name}/ready", response_model=None)
+@router.get("/models/{name}/versions/{version}/ready", response_model=None)
+async def model_ready(name: str, version: str | None = None) -> Any:
+    try:
+        svc = _model(name)
+    except ProtocolError as e:
+        return _error(e.status, e.message)
+    return {"name": name, "ready": True} if svc.__is_ready__() else _error(503, "not ready: still warming up")
+
+
+@router.post("/models/{name}/infer", response_model=None)
+@router.post("/models/{name}/versions/{version}/infer", response_model=None)
+async def infer(name: str, request: Request, version: str | None = None) -> Response:
+    """Photos (BYTES ``image``) or pixels (UINT8 ``pixels``) -> ``scores`` and ``logits``."""
+    try:
+        svc = _model(name)
+        body = await request.body()
+        req = parse_infer(body, request.headers.get(HEADER_LENGTH), svc.model.preprocess.crop,
+                          len(svc.model.labels), svc.settings.max_batch_photos)
+        tensors = await run(svc, req)
+    except ProtocolError as e:
+        return _error(e.status, e.message)
+    data, headers = encode_response(svc.v2_name, svc.v2_version, req.id, tensors)
+    return Response(data, headers=headers)
