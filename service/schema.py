@@ -60,7 +60,8 @@ def with_description(svc: Any, readme: Path) -> None:
     svc.__class__ = Documented
 
 
-def info_payload(model: Any, batching: dict[str, float], s: Any, tag: str | None, source: Any) -> dict[str, Any]:
+def info_payload(model: Any, batching: dict[str, float], s: Any, tag: str | None, source: Any,
+                 warm: int | None) -> dict[str, Any]:
     """GET /info's body (see :class:`Info`); server paths only where EXTENDSERVE_INFO_PATHS=1."""
     import sys
 
@@ -79,7 +80,7 @@ def info_payload(model: Any, batching: dict[str, float], s: Any, tag: str | None
         "model_dir": str(source), "pinned_copy": str(model.dir), "device": model.device, "providers": model.providers,
         "batching": batching, "engine": model.engine_report,
         "workers": {"workers": s.workers, "threads_per_worker": s.threads, "cpus": cores(), "cpu_quota": cgroup_cpus(),
-                    "decoding_per_worker": s.decoding},
+                    "decoding_per_worker": s.decoding, "warm": warm},
         "versions": {"extendserve": __version__, "onnxruntime": onnxruntime.__version__, "bentoml": bentoml.__version__,
                      "numpy": np.__version__, "python": sys.version.split()[0]},
     }

@@ -126,7 +126,7 @@ class Classifier:
 
     def info_payload(self) -> dict[str, Any]:
         # Server paths (training folders, head files, the store) only where a setting asks for them.
-        return info_payload(self.model, self.batcher.stats(), S, MODEL_TAG, MODEL_SOURCE)
+        return info_payload(self.model, self.batcher.stats(), S, MODEL_TAG, MODEL_SOURCE, READY.count())
 
     async def _prepare(self, photo: Path | bytes, name: str) -> np.ndarray:
         """An uploaded file or a raw body -> the model's pixels, size-checked before it is read."""

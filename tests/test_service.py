@@ -108,7 +108,10 @@ class Server:
             return r.status, r.read()
 
     def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # already gone
         try:
             self.proc.wait(20)
         except subprocess.TimeoutExpired:
@@ -229,6 +232,7 @@ def test_workers_of_one_service_serve_with_one_engine(built_model, tmp_path):
     s = Server(built_model, tmp_path, EXTENDSERVE_WORKERS="2", EXTENDSERVE_ENGINE="auto")
     try:
         assert len(s.workers()) >= 2
+        assert json.loads(s.get("/info")[1])["workers"]["warm"] == 2  # /readyz said ready: both have warmed up
         reports, scores = set(), set()
         for _ in range(16):  # new connections: both workers answer
             info = json.loads(s.get("/info")[1])
@@ -775,3 +779,20 @@ def test_a_batch_whose_client_has_gone_stops_being_decoded(server):
         time.sleep(0.5)
     assert "stopped its batch after" in server.logs()
     assert server.post("/classify", [("image", disc(), "disc.jpg")])[0] == 200
+
+
+def test_sigterm_answers_every_request_in_flight(built_model, tmp_path):
+    """A rolling update stops the service (SIGTERM to bentoml serve) while requests are in flight:
+    it takes no new ones and answers each one already sent before it exits."""
+    s = Server(built_model, tmp_path, EXTENDSERVE_WORKERS="2")
+    photos = [jpeg_bytes(synthetic_photo(i % 2, i, (1600, 1200))) for i in range(16)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(s.post, "/classify", [("image", p, "p.jpg")]) for p in photos]
+            time.sleep(0.3)
+            os.kill(s.proc.pid, signal.SIGTERM)
+            statuses = [f.result()[0] for f in futures]
+        assert statuses == [200] * len(photos), statuses
+        assert s.proc.wait(60) is not None
+    finally:
+        s.stop()

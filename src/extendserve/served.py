@@ -202,13 +202,18 @@ class ReadyMarks:
             except OSError:
                 self.folder = None
 
-    def all(self, workers: int) -> bool:
+    def count(self) -> int | None:
+        """Workers warmed up and alive (None: no folder to count in)."""
         if self.folder is None:
-            return True
+            return None
         try:
-            return sum(_alive(p.name) for p in self.folder.iterdir()) >= workers
+            return sum(_alive(p.name) for p in self.folder.iterdir())
         except OSError:
-            return True
+            return None
+
+    def all(self, workers: int) -> bool:
+        n = self.count()
+        return n is None or n >= workers
 
 
 def _alive(pid: str) -> bool:
