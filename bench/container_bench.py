@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 
-from common import ROOT, SAMPLE, machine, write_section
+from common import ROOT, SAMPLE, write_section
 
 
 def engine() -> str:
@@ -91,7 +91,7 @@ def main() -> None:
     body = ("| image | size (MB) | `run` to ready, s (min / median / max) | first /classify (ms) | "
             "then, median (ms) | tench named |\n|---|---|---|---|---|---|\n" + "\n".join(rows) +
             f"\n\n{a.runs} runs each with {eng}, `--read-only --tmpfs /tmp --network host`, on the CPU (no GPU here: "
-            "the GPU image serves on the CPU as it does on a machine without one). " + machine())
+            "the GPU image serves on the CPU as it does on a machine without one).")
     write_section("container", "Container images", f"python bench/container_bench.py --runs {a.runs}", body)
 
 
