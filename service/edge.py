@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import bentoml
 from starlette.responses import JSONResponse, Response
 
-from .forms import FORM_FIELDS, boundary_of, canonical_form, strict_int
+from .forms import CHECK, FORM_FIELDS, boundary_of, canonical_form
 
 log = logging.getLogger("extendserve")
 T = TypeVar("T")
@@ -124,7 +124,7 @@ class HttpEdge:
         if ctype == b"multipart/form-data" and path in FORM_FIELDS:
             ctype_full = headers.get(b"content-type", b"")
             try:
-                body = canonical_form(body, ctype_full, path, query_top_k(scope), self.max_parts)
+                body = canonical_form(body, ctype_full, path, query_fields(scope), self.max_parts)
             except ValueError as e:
                 return await error(400, f"{path}: {e}")(scope, receive, send)
             hs = [(n, v) for n, v in scope.get("headers") or [] if n.lower() not in (b"content-length", b"content-type")]
@@ -181,11 +181,13 @@ class HttpEdge:
         'Content-Type: image/jpeg'``), ``top_k`` in the query string: what curl users expect and
         BentoML's multipart-only APIs do not take (bentoml/BentoML#4651, #5215)."""
         try:
-            top_k = int(strict_int(query_top_k(scope) or "5"))
+            q = query_fields(scope)
+            top_k = int(CHECK["top_k"](q.get("top_k", "5")))
+            min_score = float(CHECK["min_score"](q["min_score"])) if "min_score" in q else None
         except ValueError as e:
             return await error(400, str(e))(scope, receive, send)
         try:
-            out = await bentoml.get_current_service().classify_one(body, top_k)
+            out = await bentoml.get_current_service().classify_one(body, top_k, min_score)
             response: Response = JSONResponse(out.model_dump())
         except ClientError as e:
             response = e.response()
@@ -202,12 +204,12 @@ class HttpEdge:
         await send({"type": "http.response.body", "body": body})
 
 
-def query_top_k(scope: Any) -> str | None:
-    """``?top_k=`` as sent (the last one), or None."""
+def query_fields(scope: Any) -> dict[str, str]:
+    """``?top_k=`` and ``?min_score=`` as sent (the last of each)."""
     from urllib.parse import parse_qs
 
-    got = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True).get("top_k")
-    return got[-1] if got else None
+    got = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    return {k: v[-1] for k, v in got.items() if k in CHECK and v}
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -8,7 +8,8 @@ import re
 from typing import Any
 
 # What each endpoint's multipart form may hold: field -> must it be a file.
-FORM_FIELDS = {"/classify": {"image": True, "top_k": False}, "/classify_batch": {"images": True, "top_k": False}}
+FORM_FIELDS = {"/classify": {"image": True, "top_k": False, "min_score": False},
+               "/classify_batch": {"images": True, "top_k": False, "min_score": False}}
 MAX_BOUNDARY = 70  # RFC 2046: a multipart boundary is 1 to 70 characters
 
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -34,10 +35,11 @@ def boundary_of(content_type: bytes) -> bytes | None:
     return params(content_type).get(b"boundary") or None
 
 
-def canonical_form(body: bytes, content_type: bytes, path: str, query_k: str | None, max_parts: int) -> bytes:
+def canonical_form(body: bytes, content_type: bytes, path: str, query: dict[str, str], max_parts: int) -> bytes:
     """A multipart form, parsed strictly (see :func:`_parts`; a text value in the photo field, which
     BentoML once took for a URL to download, is refused) and rebuilt in one shape for BentoML: each
-    photo a file part, ``top_k`` once, digits only, the URL's ``?top_k=`` merged in."""
+    photo a file part, ``top_k`` (digits) and ``min_score`` (a number 0-1) once each, the URL's
+    ``?top_k=`` / ``?min_score=`` merged in (and refused when they disagree with the form's)."""
     fields = FORM_FIELDS[path]
     photo = next(f for f, is_file in fields.items() if is_file)
     hint = f"send the photo as the multipart field '{photo}' (curl -F {photo}=@photo.jpg)"
@@ -49,7 +51,7 @@ def canonical_form(body: bytes, content_type: bytes, path: str, query_k: str | N
                         f"RFC 2046 allows; {hint}")
     delim = b"--" + boundary
     photos: list[tuple[str, bytes]] = []
-    top_k: str | None = None
+    text: dict[str, str] = {}
     for headers, value in _parts(body, delim, max_parts, hint):
         disp = headers.get(b"content-disposition", b"")
         p = params(disp)
@@ -70,25 +72,26 @@ def canonical_form(body: bytes, content_type: bytes, path: str, query_k: str | N
         else:
             if b"filename" in p:
                 raise FormError(f"'{field}' is a number, not a file; send it as -F {field}=5")
-            if top_k is not None:
+            if field in text:
                 raise FormError(f"'{field}' is given more than once; give it once")
             try:
-                top_k = strict_int(value.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                raise FormError(f"{field} must be a whole number written in digits, such as 5") from None
+                text[field] = CHECK[field](value.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise FormError(f"{field} must be written in ASCII digits") from None
     if not photos:
         raise FormError(f"no '{photo}' field; {hint}")
-    if query_k is not None:
-        strict_int(query_k)
-        if top_k is not None and top_k.strip() != query_k.strip():
-            raise FormError(f"top_k is {query_k!r} in the URL and {top_k!r} in the form; give it once")
-        top_k = query_k
+    for field, value in query.items():
+        CHECK[field](value)
+        if field in text and text[field].strip() != value.strip():
+            raise FormError(f"{field} is {value!r} in the URL and {text[field]!r} in the form; give it once")
+        text[field] = value
     out = []
     for i, (field, value) in enumerate(photos):
         out.append(delim + f'\r\nContent-Disposition: form-data; name="{field}"; filename="photo-{i}"\r\n'
                    "Content-Type: application/octet-stream\r\n\r\n".encode() + value + b"\r\n")
-    if top_k is not None:
-        out.append(delim + b'\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n' + top_k.strip().encode() + b"\r\n")
+    for field, value in text.items():
+        out.append(delim + f'\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n'.encode() + value.strip().encode()
+                   + b"\r\n")
     return b"".join(out) + delim + b"--\r\n"
 
 
@@ -148,3 +151,16 @@ def strict_int(value: Any) -> Any:
     if not ok:  # BentoML reads form fields as JSON first: '1e3' arrives as 1000.0, 'true' as True
         raise ValueError(f"top_k must be a whole number written in digits, such as 5, not {value!r}")
     return value
+
+
+def strict_share(value: Any) -> Any:
+    """``min_score`` as a plain decimal from 0 to 1 ('0.5', '1'): 'nan', '1e-1' and '²' are refused."""
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1) or (
+        isinstance(value, str) and re.fullmatch(r"(0|1)(\.[0-9]{1,9})?|\.[0-9]{1,9}", value.strip()) is not None
+        and 0 <= float(value) <= 1)
+    if not ok:
+        raise ValueError(f"min_score must be a number from 0 to 1 written in digits, such as 0.5, not {value!r}")
+    return value
+
+
+CHECK = {"top_k": strict_int, "min_score": strict_share}  # each text field's check (ValueError says the fix)

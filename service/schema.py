@@ -9,9 +9,10 @@ from pydantic import BaseModel, BeforeValidator, Field
 
 from extendserve.runtime import Prediction
 
-from .forms import strict_int
+from .forms import strict_int, strict_share
 
 TopK = Annotated[int, BeforeValidator(strict_int)]
+MinScore = Annotated[float, BeforeValidator(strict_share)]
 
 
 class Classification(BaseModel):
@@ -41,6 +42,8 @@ class Info(BaseModel):
                                                     "max_batch, window_ms")
     workers: dict[str, Any] = Field(description="workers, threads per worker and the CPUs they follow (the "
                                                 "cgroup's CPU quota where there is one)")
+    min_score: float | None = Field(None, description="below this best score the first answer is 'unknown' (build "
+                                                      "--min-score; a request's min_score overrides it)")
     versions: dict[str, str]
 
 
@@ -74,7 +77,9 @@ def info_payload(model: Any, batching: dict[str, float], s: Any, tag: str | None
     from extendserve.settings import cgroup_cpus, cores
 
     m = model.manifest.to_dict()
-    payload = {k: m[k] for k in ("labels", "heads", "backbone", "preprocess", "verification", "opset", "model_sha256")}
+    payload = {k: m[k] for k in ("labels", "backbone", "preprocess", "verification", "opset", "model_sha256", "min_score")}
+    payload["heads"] = [{k: v for k, v in h.items() if k != "trained_on"} | ({"trained_on_photos": len(h["trained_on"])}
+                        if h.get("trained_on") else {}) for h in m["heads"]]
     payload |= {
         "model_tag": tag, "model_version": tag.split(":")[1] if tag else None,
         "model_dir": str(source), "pinned_copy": str(model.dir), "device": model.device, "providers": model.providers,

@@ -33,7 +33,7 @@ from extendserve.served import ReadyMarks, engine_choice, give_back_memory, reso
 from extendserve.settings import ServiceSettings
 
 from .edge import ClientError, HttpEdge, answers_client_errors
-from .schema import Classification, Info, TopK, info_payload, with_description
+from .schema import Classification, Info, MinScore, TopK, info_payload, with_description
 from .v2 import router as v2_router
 
 log = logging.getLogger("extendserve")
@@ -140,8 +140,8 @@ class Classifier:
             except BadImageError as e:
                 raise ClientError(400, str(e)) from None
 
-    async def classify_one(self, photo: Path | bytes, top_k: int) -> Classification:
-        return (await self._classify([photo], top_k))[0]
+    async def classify_one(self, photo: Path | bytes, top_k: int, min_score: float | None = None) -> Classification:
+        return (await self._classify([photo], top_k, None, min_score))[0]
 
     async def scores(self, photos: list[Path | bytes], ctx: bentoml.Context | None = None,
                      pixels: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -161,24 +161,26 @@ class Classifier:
             rows += await asyncio.gather(*[self.batcher.submit(x) for x in done])
         return rows
 
-    async def _classify(self, photos: list[Path | bytes], top_k: int,
-                        ctx: bentoml.Context | None = None) -> list[Classification]:
+    async def _classify(self, photos: list[Path | bytes], top_k: int, ctx: bentoml.Context | None = None,
+                        min_score: float | None = None) -> list[Classification]:
         try:
             self.model.check_top_k(top_k)
         except ExtendserveError as e:
             raise ClientError(400, str(e)) from None
         rows = await self.scores(photos, ctx)
-        return [Classification(predictions=row) for row in self.model.top_k(np.stack(rows), top_k)]
+        return [Classification(predictions=row) for row in self.model.top_k(np.stack(rows), top_k, min_score)]
 
     @bentoml.api
     @answers_client_errors
-    async def classify(self, image: Path, top_k: TopK = 5) -> Classification:
-        """One photo (multipart field ``image``) -> its top-k labels, scores and heads."""
-        return await self.classify_one(image, top_k)
+    async def classify(self, image: Path, top_k: TopK = 5, min_score: MinScore | None = None) -> Classification:
+        """One photo (multipart field ``image``) -> its top-k labels, scores and heads ('unknown' first
+        when the best score is under ``min_score``, default the model's)."""
+        return await self.classify_one(image, top_k, min_score)
 
     @bentoml.api
     @answers_client_errors
-    async def classify_batch(self, images: list[Path], ctx: bentoml.Context, top_k: TopK = 5) -> list[Classification]:
+    async def classify_batch(self, images: list[Path], ctx: bentoml.Context, top_k: TopK = 5,
+                             min_score: MinScore | None = None) -> list[Classification]:
         """Several photos (multipart field ``images``, repeated) -> one result each, in order."""
         if not images:
             raise ClientError(400, "no photos: send one or more multipart fields named 'images'")
@@ -187,7 +189,7 @@ class Classifier:
                                    "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
         self.batches += 1
         try:
-            return await self._classify(images, top_k, ctx)
+            return await self._classify(images, top_k, ctx, min_score)
         finally:
             self.batches -= 1
             if not self.batches:

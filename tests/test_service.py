@@ -796,3 +796,21 @@ def test_sigterm_answers_every_request_in_flight(built_model, tmp_path):
         assert s.proc.wait(60) is not None
     finally:
         s.stop()
+
+
+def test_min_score_and_the_heads_checks_over_http(server):
+    status, body = server.post("/classify", [("image", disc(), "disc.jpg"), ("min_score", "1", None)])
+    assert status == 200 and body["predictions"][0]["label"] == "unknown" and body["predictions"][1]["label"] == "red discs"
+    status, body = server.post("/classify", [("image", disc(), "disc.jpg"), ("min_score", "0", None)])
+    assert body["predictions"][0]["label"] == "red discs"
+    for bad in ("2", "nan", "1e-1", "half"):
+        status, body = server.post("/classify", [("image", disc(), "disc.jpg"), ("min_score", bad, None)])
+        assert status == 400 and "min_score" in body["error"], (bad, body)
+    req = urllib.request.Request(server.url + "/classify?min_score=1", data=disc(), method="POST",
+                                 headers={"Content-Type": "image/jpeg"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert json.loads(r.read())["predictions"][0]["label"] == "unknown"
+    info = json.loads(server.get("/info")[1])
+    head = info["heads"][1]
+    assert 0 <= head["checks"]["strangers_named"] <= 1 and "trained_on" not in head and head["trained_on_photos"] == 12
+    assert info["min_score"] is None

@@ -126,7 +126,11 @@ def test_a_head_that_takes_the_world_is_reported(tmp_path):
     r = run_cli("train-head", str(tmp_path / "data"), "-o", str(tmp_path / "h.pt"), "--method", "joint")
     assert "WARNING: this head names" in r.stderr and "--negatives" in r.stderr
     b = run_cli("build", "--new-head", str(tmp_path / "h.pt"), "-o", str(tmp_path / "m"), "--no-store")
-    assert "WARNING: this head names" in b.stderr
+    assert "WARNING: head h names" in b.stderr
+    import re
+
+    figure = re.search(r"background taken: this head names ([0-9.]+%) of (\d+)", r.stdout).groups()
+    assert re.search(r"background taken: it names ([0-9.]+%) of (\d+)", b.stdout).groups() == figure  # one figure
     import json
 
     meta = json.loads((tmp_path / "m" / "manifest.json").read_text())["heads"][1]

@@ -79,10 +79,13 @@ def heads_entries(base: Base, heads: Sequence[Head]) -> list[HeadEntry]:
     offset, world = len(base.labels), background_for(base)
     for h, file in zip(heads, head_file_names(heads)):
         entries.append(HeadEntry(name=h.name, offset=offset, count=len(h.classes), source=_where(h.source), file=file,
-                                 digest=h.digest(), method=h.method, classes=list(h.classes), settings=without_paths(h.settings),
+                                 digest=h.digest(), method=h.method, classes=list(h.classes),
+                                 settings=without_paths({k: v for k, v in h.settings.items()
+                                                         if k not in ("trained_on", "checks")}),
+                                 checks=h.settings.get("checks"), trained_on=h.settings.get("trained_on"),
                                  background=world.source if world is not None else None,
                                  background_taken=(None if world is None or unfrozen(h)
-                                                   else taken_share(base, h, world.features)),
+                                                   else taken_share(base, [h], world.features)),
                                  heldout=h.settings.get("heldout")))
         offset += len(h.classes)
     return entries
@@ -104,7 +107,8 @@ def bf16_report(onnx_bytes: bytes, inputs: np.ndarray) -> dict[str, Any]:
 
 
 def build_model(base: Base, heads: Sequence[Head], real_inputs: Sequence[np.ndarray] = (),
-                settings: dict[str, Any] | None = None, cpu_precision: str = "f32") -> BuiltModel:
+                settings: dict[str, Any] | None = None, cpu_precision: str = "f32",
+                min_score: float | None = None) -> BuiltModel:
     """Wire the heads to the base, merge, verify; a model that fails verification is an error.
     ``cpu_precision="bf16"`` lets OpenVINO serve it in bf16; what that changes is measured here."""
     t0 = time.time()
@@ -124,6 +128,10 @@ def build_model(base: Base, heads: Sequence[Head], real_inputs: Sequence[np.ndar
         raise BuildError(f"verification failed, nothing was written: {json.dumps(check)}")
     if cpu_precision == "bf16":
         check["bf16"] = bf16_report(onnx_bytes, inputs)
+    world = background_for(base)
+    if world is not None and heads and not any(unfrozen(h) for h in heads):
+        check["background_taken_together"] = {"taken": taken_share(base, list(heads), world.features),
+                                              "photos": len(world)}
     manifest = Manifest(
         labels=labels, heads=entries, backbone=base.describe() | {"restored_weights": base.restore_report},
         preprocess=base.preprocess, model_sha256=hashlib.sha256(onnx_bytes).hexdigest(), verification=check,
@@ -133,6 +141,6 @@ def build_model(base: Base, heads: Sequence[Head], real_inputs: Sequence[np.ndar
         opset=base.opset, settings=settings or {},
         built={"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 2),
                "extendserve": __version__, "torch": torch.__version__, "python": platform.python_version()},
-        cpu_precision=cpu_precision,
+        cpu_precision=cpu_precision, min_score=min_score,
     )
     return BuiltModel(onnx_bytes, manifest, {e.file: h.to_bytes() for e, h in zip(entries[1:], heads) if e.file})

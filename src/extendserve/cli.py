@@ -79,6 +79,11 @@ def _train_head_options(t: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0, help="the held-out split and the optimiser's start")
     t.add_argument("--holdout", type=float, default=0.2, help="share held out to report accuracy (0: none)")
     t.add_argument("--no-augment", action="store_true", help="train on the centre crop only")
+    t.add_argument("--max-taken", type=float, default=0.01, metavar="SHARE",
+                   help="share of the base's everyday photos (its background) the new classes may take: lower keeps "
+                        "ImageNet safer, higher names more new-class photos (train-head prints the trade)")
+    t.add_argument("--keep-suspicious", action="store_true",
+                   help="train on photos flagged as out of place too (default: left out, each named in a WARNING)")
     t.add_argument("--gate", default=GATES[0], choices=GATES,
                    help="gated: how nearness to the new classes is measured: distance to the class means under "
                         "a shrunk shared covariance (default), or cosine similarity to class prototypes")
@@ -141,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
                    help="rebuild a built model (its folder, manifest.json, or store tag extendserve-NAME:VERSION) "
                         "with its base settings and every head it carries; --new-head adds heads, --drop-head removes")
     b.add_argument("--drop-head", action="append", metavar="NAME", help="with --from: leave this head out (repeatable)")
+    b.add_argument("--min-score", type=float, default=None,
+                   help="the model's default: a photo whose best score is below it is answered 'unknown' first")
     weight_options(b)
     b.set_defaults(func=cmd_build)
 
@@ -148,6 +155,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+")
     r.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder, or a store tag (extendserve-NAME:latest)")
     r.add_argument("--top-k", type=int, default=5, help="predictions shown per photo")
+    r.add_argument("--min-score", type=float, default=None,
+                   help="below this best score, answer 'unknown' first (default: the model's, set at build)")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=cmd_predict)
 

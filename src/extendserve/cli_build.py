@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cli_common import PREFIX, base_from_args, model_folder, say_saved, store_name_for, warn_if_takes_world, weights_settings
+from .cli_common import (
+    PREFIX,
+    background_line,
+    base_from_args,
+    model_folder,
+    say_saved,
+    store_name_for,
+    warn_if_takes_world,
+    weights_settings,
+)
 from .errors import ExtendserveError
 from .manifest import Manifest
 from .store import store_name
@@ -21,6 +30,9 @@ def cmd_build(a: argparse.Namespace) -> int:
     rebuild = model_to_rebuild(a) if a.from_model else None
     if a.drop_head and rebuild is None:
         raise ExtendserveError("--drop-head removes a head from a built model: give that model with --from DIR|TAG")
+    if a.min_score is not None and not 0 <= a.min_score <= 1:
+        raise ExtendserveError(f"--min-score is a score from 0 to 1 (0.5: 'unknown' below one chance in two), "
+                               f"not {a.min_score}")
     if a.output is None:
         raise ExtendserveError("give the model folder to write with -o DIR (for example -o models/celebs); build "
                                "never writes a default folder, so the demo in models/default is not replaced by accident")
@@ -45,7 +57,8 @@ def _build(a: argparse.Namespace, out: Any, name: str | None, rebuild: Rebuild |
                     for i, path in enumerate(a.new_head or [])]
     built = build_model(base, heads, real_inputs=demo_pixels(base.preprocess),
                         settings={"backbone": a.backbone, "force": a.force, **weights_settings(a)},
-                        cpu_precision=a.cpu_precision or (rebuild.manifest.cpu_precision if rebuild else "f32"))
+                        cpu_precision=a.cpu_precision or (rebuild.manifest.cpu_precision if rebuild else "f32"),
+                        min_score=a.min_score if a.min_score is not None else (rebuild.manifest.min_score if rebuild else None))
     saved = publish(built, out, name)
     manifest = built.manifest
     k = manifest.base_count
@@ -175,15 +188,23 @@ def _print_verification(manifest: Manifest) -> None:
                   if "imagenet_max_rel_diff" in v else "")
     print(f"verified on {v['inputs']} inputs: base logits vs the base alone {same}{torch_line}; new logits "
           f"{v['new_max_rel_diff']:.1e} (tolerance {v['tolerance']:.0e}); top-1 and new-class decisions identical")
+    together = v.get("background_taken_together")
     for h in manifest.new_heads:
-        if h.background_taken is None:
+        held = (h.heldout or {}).get("background_taken")
+        if held is not None:  # the figure train-head printed, measured the same way
+            print(f"head {h.name}: " + background_line("it names", held, h.heldout.get("background_photos", 0),
+                                                       "as one of its classes: held out, measured at train-head"))
+            warn_if_takes_world(held, "the held-out", f"head {h.name}")
+        elif h.background_taken is None:
             print(f"head {h.name}: share of the base's background taken not measured "
                   f"({'no background for this base' if not h.background else 'fine-tuned top'})")
-            continue
-        held = (h.heldout or {}).get("background_taken")
-        print(f"head {h.name}: names {h.background_taken:.1%} of the base's background photos as its classes "
-              + (f"(in sample; held-out estimate at train-head: {held:.1%})" if held is not None else "(in sample)"))
-        warn_if_takes_world(max(h.background_taken, held or 0.0), "the")
+        else:
+            print(f"head {h.name}: " + background_line("it names", h.background_taken, together["photos"] if together else 0,
+                                                       "as one of its classes: in sample (trained before held-out figures)"))
+    if together is not None and len(manifest.new_heads) > 1:
+        print(background_line("the heads together name", together["taken"], together["photos"],
+                              "as one of their classes: in sample (each head was fitted against them)"))
+        warn_if_takes_world(together["taken"], "the", "this model's heads together")
     if "bf16" in v:
         b = v["bf16"]
         if b["runs_here"] != "bf16":

@@ -24,9 +24,14 @@ def err(msg: str) -> None:
 TAKEN_LIMIT = 0.01  # above this share of background photos taken, a head is reported as taking the world
 
 
-def warn_if_takes_world(taken: float | None, what: str) -> None:
+def background_line(who: str, taken: float, photos: int, how: str) -> str:
+    """The one way train-head and build say the background-taken figure, and what it was measured on."""
+    return f"background taken: {who} {taken:.1%} of {photos} background photos (none of its classes) {how}"
+
+
+def warn_if_takes_world(taken: float | None, what: str, who: str = "this head") -> None:
     if taken is not None and taken > TAKEN_LIMIT:
-        err(f"WARNING: this head names {taken:.1%} of {what} background photos (none of its classes) as one of "
+        err(f"WARNING: {who} names {taken:.1%} of {what} background photos (none of its classes) as one of "
             f"its classes, over the {TAKEN_LIMIT:.0%} it should; narrow the classes (one kind of thing each), add "
             "more photos per class, or give photos it must not take with --negatives DIR")
 

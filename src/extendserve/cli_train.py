@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cli_common import base_from_args, err, warn_if_takes_world, weights_settings
+from .cli_common import background_line, base_from_args, err, warn_if_takes_world, weights_settings
 from .errors import ExtendserveError
 
 
@@ -35,6 +35,45 @@ def _negatives_and_world(a: argparse.Namespace, base: Any, fx: Any) -> tuple[Any
     return neg, world
 
 
+def _shown(path: Any, root: str) -> str:
+    """A photo as the user knows it: its path under the data folder (no machine paths in a head)."""
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return Path(path).name
+
+
+def photo_digests(files: list[Any]) -> list[str]:
+    """What a head was trained on, by content, not path: eval tells its own training photos apart."""
+    from .evaluate import photo_digest
+
+    return sorted({photo_digest(f) for f in files})
+
+
+def _print_checks(report: Any) -> None:
+    """What the head will do, before it ships: suspicious photos, strangers, the trade it makes."""
+    from .checks import STRANGERS_WARN
+
+    for x in report.suspicious:
+        err(f"WARNING: {x['file']}: {x['why']}; " + ("left out of training (--keep-suspicious keeps it)"
+                                                      if report.left_out else "kept in training"))
+    c = report.checks
+    if "strangers_named" in c:
+        score = f", with a mean score of {c['strangers_score']:.2f}" if c.get("strangers_score") is not None else ""
+        print(f"strangers: photos of something like your classes but not one of them (a stranger's face) will be named "
+              f"as one of them about {c['strangers_named']:.0%} of the time{score} (each of {c['classes_left_out']} "
+              "classes left out in turn)")
+        if c["strangers_named"] > STRANGERS_WARN:
+            err(f"WARNING: {c['strangers_named']:.0%} of a left-out class's photos were named as one of the others: the "
+                "base's features do not tell these classes from things like them. What helps: a class of 'others' "
+                "(photos of things like yours that are none of them), more varied photos, --negatives DIR, a base "
+                "whose features separate them (--backbone, --base), or a min_score when serving")
+    if c.get("trade"):
+        print("the trade (held-out): new-class accuracy against the share of background photos taken:")
+        for t in c["trade"]:
+            print(f"  at most {t['max_taken']:5.1%} taken: accuracy {t['accuracy']:.3f}")
+
+
 def _print_report(report: Any, classes: int, seed: int) -> None:
     print(f"classes ({len(report.counts)}), photos used per class:")
     for c, n in report.counts.items():
@@ -44,8 +83,8 @@ def _print_report(report: Any, classes: int, seed: int) -> None:
         print(f"held-out accuracy: {h['accuracy']:.3f} on {h['photos']} photos "
               f"(top-1 among all {classes} classes; seed {seed})")
         if "background_taken" in h:
-            print(f"background taken: {h['background_taken']:.1%} of {h['background_photos']} held-out background "
-                  "photos named as a new class (the head of this check was fitted on the other half)")
+            print(background_line("this head names", h["background_taken"], h["background_photos"],
+                                  "as one of its classes: held out (the head of this check was fitted on the other half)"))
     else:
         print("held-out accuracy: not measured (needs at least 5 photos in every class)")
     warn_if_takes_world(report.heldout.get("background_taken") if report.heldout else None, "held-out")
@@ -91,8 +130,10 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     labels = np.array([ds.labels[i] for i in ok], dtype=np.int64)
     neg, world = _negatives_and_world(a, base, fx)
     del fx  # its onnxruntime session and arena are not needed for the fit
+    if not 0 < a.max_taken < 1:
+        raise ExtendserveError(f"--max-taken is a share of photos: give a value between 0 and 1 (0.01 is 1%), not {a.max_taken}")
     settings = TrainSettings(method=a.method, epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, seed=a.seed,
-                             holdout=a.holdout,
+                             holdout=a.holdout, max_taken=a.max_taken / 2, keep_suspicious=a.keep_suspicious,
                              augment=not a.no_augment, gate=a.gate, gate_quantile=a.gate_quantile,
                              gate_scale=a.gate_scale, gate_shrinkage=a.gate_shrinkage)
     if a.unfreeze_top:
@@ -101,14 +142,18 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         head, report = train_unfrozen(base, [ds.files[i] for i in ok], feats, labels, ds.classes, settings,
                                       a.unfreeze_top, a.freeze or ())
     else:
-        head, report = train_head(base, feats, labels, ds.classes, settings, negatives=neg, background=world)
+        names = [_shown(ds.files[i], a.data) for i in ok]
+        head, report = train_head(base, feats, labels, ds.classes, settings, negatives=neg, background=world, names=names)
     head.name = a.name or out.stem
     head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
                           "negatives": None if neg is None else int(len(neg)), **weights_settings(a),
                           "base_model": base.describe() | base.identity(),
-                          "heldout": report.heldout})
+                          "heldout": report.heldout, "checks": report.checks | {"suspicious": report.suspicious,
+                                                                                "left_out": report.left_out},
+                          "trained_on": photo_digests([ds.files[i] for i in ok])})
     head.save(out)
     _print_report(report, len(base.labels) + len(ds.classes), a.seed)
+    _print_checks(report)
     print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
     print(f"wrote {out} (head {head.name!r}, method {head.method}, base {head.backbone})")
     return 0

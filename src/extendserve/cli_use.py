@@ -29,7 +29,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
         raise ExtendserveError(f"--top-k must be at least 1, not {a.top_k}")
     model = Model(model_folder(a.model)[0], device=os.environ.get("EXTENDSERVE_DEVICE", "cpu"),
                   engine=os.environ.get("EXTENDSERVE_ENGINE", "onnxruntime"))
-    results = model.predict_files(a.images, a.top_k)
+    if a.min_score is not None and not 0 <= a.min_score <= 1:
+        raise ExtendserveError(f"--min-score is a score from 0 to 1, not {a.min_score}")
+    results = model.predict_files(a.images, a.top_k, a.min_score)
     if a.json:
         print(json.dumps(results, indent=2))
     else:

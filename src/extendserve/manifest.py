@@ -40,6 +40,8 @@ class HeadEntry:
     background_taken: float | None = None
     heldout: dict[str, Any] | None = None
     file: str | None = None  # the head's file inside the model folder (relative), e.g. heads/celebs.pt
+    checks: dict[str, Any] | None = None  # what train-head measured the head will do (strangers_named, the trade)
+    trained_on: list[str] | None = None  # digests of its training photos' content (eval: optimistic figures)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -71,6 +73,7 @@ class Manifest:
     settings: dict[str, Any] = field(default_factory=dict)
     built: dict[str, Any] = field(default_factory=dict)
     cpu_precision: str = "f32"  # "bf16": OpenVINO may serve in bf16 (asked for at build, changes reported there)
+    min_score: float | None = None  # below it the best answer is 'unknown' (build --min-score)
 
     @property
     def base_count(self) -> int:
@@ -103,7 +106,7 @@ class Manifest:
                 "backbone": self.backbone, "preprocess": self.preprocess.to_dict(), "input": self.input,
                 "output": self.output, "opset": self.opset, "verification": self.verification,
                 "model_sha256": self.model_sha256, "settings": self.settings, "built": self.built,
-                "cpu_precision": self.cpu_precision}
+                "cpu_precision": self.cpu_precision, "min_score": self.min_score}
 
     def to_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), indent=2).encode()
@@ -117,7 +120,8 @@ class Manifest:
                     model_sha256=str(d["model_sha256"]), verification=dict(d.get("verification") or {}),
                     input=dict(d.get("input") or {}), output=dict(d.get("output") or {}), opset=d.get("opset"),
                     settings=dict(d.get("settings") or {}), built=dict(d.get("built") or {}),
-                    cpu_precision=str(d.get("cpu_precision", "f32")))
+                    cpu_precision=str(d.get("cpu_precision", "f32")),
+                    min_score=None if d.get("min_score") is None else float(d["min_score"]))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ExtendserveError(f"{where}: unreadable manifest ({type(e).__name__}: {e}); rebuild the model") from None
         at = 0

@@ -15,6 +15,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .files import write_atomic
 
 MAX_ROWS = 30  # classes in the matrix: the worst ones (a 1000-class matrix is no picture)
@@ -108,7 +110,9 @@ def _gallery(title: str, photos: list[dict[str, Any]], empty: str, css: str) -> 
     return f'<section><h2>{title} ({len(photos)})</h2><div class="gallery">{body}</div>{more}</section>'
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:1200px;color:#222}
+STYLE = """.plot .frame{fill:none;stroke:#ccc}.plot .curve{fill:none;stroke:#36c;stroke-width:2}.plot circle{fill:#36c}
+.plot .ref{stroke:#aaa;stroke-dasharray:4}.plot text{font-size:11px}.warning{background:#fff3cd;padding:.2rem 1rem}
+body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:1200px;color:#222}
 h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}.cards{display:flex;flex-wrap:wrap;gap:1rem}
 .card{border:1px solid #ddd;border-radius:8px;padding:.7rem 1rem;min-width:12rem}.card b{font-size:1.5rem;display:block}
 table{border-collapse:collapse}td,th{padding:.2rem .6rem;text-align:left}td.num{text-align:right}
@@ -116,6 +120,58 @@ table{border-collapse:collapse}td,th{padding:.2rem .6rem;text-align:left}td.num{
 .gallery{display:flex;flex-wrap:wrap;gap:.6rem}figure{margin:0;width:170px;font-size:.75rem}
 figure img{width:160px;height:160px;object-fit:cover;border-radius:4px;border:3px solid #c33}
 figure.taken img{border-color:#d98a00}.matrix{overflow-x:auto}small{color:#666}"""
+
+
+def _plot_svg(points: list[tuple[float, float]], xlabel: str, ylabel: str, diagonal: bool = False,
+              sizes: list[int] | None = None) -> str:
+    """A small line plot of 0-1 values: the trade curve, the reliability diagram."""
+    w, h, m = 300, 220, 40
+
+    def xy(x: float, y: float) -> tuple[float, float]:
+        return m + x * (w - m - 10), h - m - y * (h - m - 10)
+
+    line = " ".join(f"{a:.1f},{b:.1f}" for a, b in (xy(x, y) for x, y in points))
+    dots = "".join(f'<circle cx="{xy(x, y)[0]:.1f}" cy="{xy(x, y)[1]:.1f}" r="3"><title>{x:.3f}, {y:.3f}'
+                   f'{f" ({sizes[i]} photos)" if sizes else ""}</title></circle>' for i, (x, y) in enumerate(points))
+    ref = f'<line x1="{xy(0, 0)[0]}" y1="{xy(0, 0)[1]}" x2="{xy(1, 1)[0]}" y2="{xy(1, 1)[1]}" class="ref"/>' if diagonal else ""
+    return (f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" class="plot">'
+            f'<rect x="{m}" y="10" width="{w - m - 10}" height="{h - m - 10}" class="frame"/>{ref}'
+            f'<polyline points="{line}" class="curve"/>{dots}'
+            f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+            f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>'
+            "</svg>")
+
+
+def _checks_sections(res: dict[str, Any], photos: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
+    """The head's own checks (strangers, the trade), its training photos, and the reliability diagram."""
+    cards, sections = [], []
+    for head, n in (res.get("training_photos") or {}).items():
+        sections.append(f'<section class="warning"><h2>Optimistic figures</h2><p>{n} of the photos given were training '
+                        f'photos of head <b>{html.escape(head)}</b>: a head knows its own photos, so figures on them '
+                        "are optimistic. Evaluate on photos held out before training.</p></section>")
+    for head, c in (res.get("heads_checks") or {}).items():
+        if c.get("strangers_named") is not None:
+            cards.append(f'<div class="card">strangers named as one of head {html.escape(head)}\'s classes'
+                         f'<b>{c["strangers_named"]:.0%}</b>measured at train-head, each class left out in turn</div>')
+        if c.get("trade"):
+            pts = [(min(1.0, t["max_taken"] * 10), t["accuracy"]) for t in c["trade"]]
+            sections.append(f"<section><h2>The trade, head {html.escape(head)}</h2><p>Held-out new-class accuracy "
+                            "against the share of the base's background photos taken (x: share x 10, so 0.1 is 1%; "
+                            f"train-head --max-taken chooses the point).</p>{_plot_svg(pts, 'background taken x10', 'accuracy')}"
+                            "</section>")
+    new = [p for p in photos if p["set"] == "new"]
+    if new:
+        edges = np.linspace(0, 1, 11)
+        pts, sizes = [], []
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            b = [p for p in new if lo <= p["score"] < hi or (hi == 1 and p["score"] == 1)]
+            if b:
+                pts.append((float(np.mean([p["score"] for p in b])), float(np.mean([p["predicted"] == p["true"] for p in b]))))
+                sizes.append(len(b))
+        sections.append("<section><h2>Reliability</h2><p>The score given against how often it was right, new-class "
+                        "photos in ten bins (on the diagonal: a score of 0.9 is right nine times in ten).</p>"
+                        f"{_plot_svg(pts, 'score', 'right', diagonal=True, sizes=sizes)}</section>")
+    return cards, sections
 
 
 def render_html(res: dict[str, Any]) -> str:
@@ -153,6 +209,9 @@ def render_html(res: dict[str, Any]) -> str:
         taken = [p for p in photos if p["set"] == "imagenet" and p["taken"]]
         sections.append(_gallery("ImageNet photos a new class took", taken, "None: no ImageNet photo was named as a "
                                  "new class.", "taken"))
+    more_cards, more_sections = _checks_sections(res, photos)
+    cards += more_cards
+    sections = more_sections[:1] + sections + more_sections[1:] if res.get("training_photos") else sections + more_sections
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width,initial-scale=1"><title>extendserve eval: {html.escape(str(res["model"]))}'

@@ -26,6 +26,7 @@ from .preprocess import prepare, prepare_file
 log = logging.getLogger("extendserve")
 
 DEVICES = ("auto", "cuda", "cpu")
+UNKNOWN = "unknown"  # the first answer where the best score is under min_score
 
 
 def make_session(
@@ -220,17 +221,25 @@ class Model:
             raise ExtendserveError(f"top_k must be between 1 and {len(self.labels)} (the model's classes), not {k}")
         return k
 
-    def classify(self, pixels: np.ndarray, k: int = 5) -> list[list[Prediction]]:
+    def classify(self, pixels: np.ndarray, k: int = 5, min_score: float | None = None) -> list[list[Prediction]]:
         """uint8 [B, crop, crop, 3] -> each photo's top ``k`` predictions, best first."""
-        return self.top_k(self.logits(pixels, scores=True), self.check_top_k(k))
+        return self.top_k(self.logits(pixels, scores=True), self.check_top_k(k), min_score)
 
-    def top_k(self, probs: np.ndarray, k: int) -> list[list[Prediction]]:
-        """Probability rows -> their top ``k`` (checked by :meth:`check_top_k`), best first."""
+    def top_k(self, probs: np.ndarray, k: int, min_score: float | None = None) -> list[list[Prediction]]:
+        """Probability rows -> their top ``k`` (checked by :meth:`check_top_k`), best first; where the
+        best is under ``min_score`` (default the model's, ``build --min-score``), an explicit
+        ``unknown`` comes first (index -1, head 'none', the best score), the others still following."""
+        floor = self.manifest.min_score if min_score is None else min_score
+        if floor is not None and not 0 <= floor <= 1:
+            raise ExtendserveError(f"min_score must be from 0 to 1, not {floor}")
         idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [
-            [Prediction(self.labels[i], int(i), float(p[i]), str(self.head_of[i])) for i in row]
-            for row, p in zip(idx, probs)
-        ]
+        out = []
+        for row, p in zip(idx, probs):
+            preds = [Prediction(self.labels[i], int(i), float(p[i]), str(self.head_of[i])) for i in row]
+            if floor is not None and preds[0].score < floor:
+                preds.insert(0, Prediction(UNKNOWN, -1, preds[0].score, "none"))
+            out.append(preds)
+        return out
 
     def prepare(self, data: bytes, source: str = "image") -> np.ndarray:
         return prepare(data, self.preprocess, source)
@@ -256,23 +265,23 @@ class Model:
         c = self.preprocess.crop
         return (np.stack(arrays) if arrays else np.zeros((0, c, c, 3), np.uint8)), ok, errors
 
-    def predict(self, images: Sequence[Any], k: int = 5) -> list[list[Prediction]]:
+    def predict(self, images: Sequence[Any], k: int = 5, min_score: float | None = None) -> list[list[Prediction]]:
         """PIL images, H x W x 3 uint8 RGB arrays, photo bytes or paths -> each one's top ``k``,
         best first; preprocessed as the model's manifest says (the Python API, for notebooks)."""
         from .preprocess import prepare_image
 
         if not len(images):
             return []
-        return self.classify(np.stack([prepare_image(x, self.preprocess) for x in images]), k)
+        return self.classify(np.stack([prepare_image(x, self.preprocess) for x in images]), k, min_score)
 
-    def predict_files(self, paths: Sequence[str], k: int = 5) -> list[dict[str, Any]]:
+    def predict_files(self, paths: Sequence[str], k: int = 5, min_score: float | None = None) -> list[dict[str, Any]]:
         """One result per path, in order; an unreadable photo gets an ``error`` entry."""
         self.check_top_k(k)
         results: list[dict[str, Any]] = [{"image": p} for p in paths]
         pixels, ok, errors = self.load_files(paths)
         for i, msg in errors.items():
             results[i]["error"] = msg
-        for i, row in zip(ok, self.classify(pixels, k)):
+        for i, row in zip(ok, self.classify(pixels, k, min_score)):
             results[i]["predictions"] = [x.to_dict() for x in row]
         return results
 

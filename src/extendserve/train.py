@@ -12,6 +12,7 @@ import torch
 from .base import Base
 from .calibrate import fit_gated
 from .calibrated import fit_calibrated
+from .checks import strangers_named, suspicious
 from .config import GATES
 from .errors import ExtendserveError
 from .fit import fit_joint, fit_softmax
@@ -44,6 +45,8 @@ class TrainSettings:
     taken_margin: float = 0.5  # calibrated: logits below that bound, for photos the background lacks
     finetune_lr: float = 1e-4  # --unfreeze-top: Adam step for the copied top blocks
     finetune_epochs: int = 8  # --unfreeze-top: passes over every training view
+    keep_suspicious: bool = False  # train on photos flagged as out of place (checks.suspicious) too
+    check_strangers: int = 50  # leave classes out to measure strangers up to this many classes (0: never)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -55,6 +58,9 @@ class TrainReport:
     heldout: dict[str, Any] | None = None
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # printed by train-head as WARNING lines
+    suspicious: list[dict[str, Any]] = field(default_factory=list)  # photos out of place (checks.suspicious)
+    left_out: int = 0  # of them, left out of training
+    checks: dict[str, Any] = field(default_factory=dict)  # what the head will do: strangers, the trade
 
 
 def split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -111,25 +117,63 @@ def fit(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
     raise ExtendserveError(f"unknown training method {s.method!r}; use calibrated, gated, joint or naive")
 
 
-def score_features(base: Base, head: Head, feats: np.ndarray) -> np.ndarray:
-    """Merged logits [n, K + N] from features, as the merged model computes them."""
+def score_features(base: Base, head: Head | list[Head], feats: np.ndarray) -> np.ndarray:
+    """Merged logits [n, K + N] from features, as the merged model computes them (one head or several)."""
     x = torch.from_numpy(feats).float()
     w, b = classifier(base)
     with torch.no_grad():
         old = x @ w.T + b
-        return merged_logits([scorer(head)], x, old).numpy()
+        return merged_logits([scorer(h) for h in (head if isinstance(head, list) else [head])], x, old).numpy()
 
 
-def taken_share(base: Base, head: Head, feats: np.ndarray) -> float:
-    """Share of photos [m, D] (none of the new classes) whose top-1 the head takes."""
+def taken_share(base: Base, head: Head | list[Head], feats: np.ndarray) -> float:
+    """Share of photos [m, D] (none of the new classes) whose top-1 the head (or heads, together) takes."""
     if not len(feats):
         return 0.0
     return float((score_features(base, head, feats).argmax(1) >= len(base.labels)).mean())
 
 
+def _set_aside_suspicious(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: TrainSettings,
+                          names: list[str] | None, report: TrainReport) -> tuple[np.ndarray, np.ndarray]:
+    """Photos out of place (a goldfish among faces, a copy filed under two classes), found before
+    training uses them and left out of it unless ``s.keep_suspicious``."""
+    if names is None:
+        return feats, labels
+    centre = feats[:, 0]
+    logits = centre @ base.weight.T + base.bias
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    report.suspicious = suspicious(centre, labels, classes, names, p / p.sum(1, keepdims=True), base.labels)
+    if not report.suspicious or s.keep_suspicious:
+        return feats, labels
+    out = {names.index(x["file"]) for x in report.suspicious}
+    keep = np.array([i not in out for i in range(len(labels))])
+    if any(not (labels[keep] == c).any() for c in range(len(classes))):
+        return feats, labels  # never leave a class empty: keep them, the warning says why
+    report.left_out = int((~keep).sum())
+    return feats[keep], labels[keep]
+
+
+def trade(held: np.ndarray, labels: np.ndarray, world: np.ndarray, k: int,
+          shares: tuple[float, ...] = (0.005, 0.01, 0.03, 0.10)) -> list[dict[str, float]]:
+    """New-class held-out accuracy against the share of held-out background taken, the new classes'
+    logits lowered or raised until each share is just met: the trade a head makes, made visible."""
+    w_gap = world[:, k:].max(1) - world[:, :k].max(1)  # > shift: the new classes take the photo
+    h_gap = held[:, k:].max(1) - held[:, :k].max(1)
+    right = held[:, k:].argmax(1) == labels
+    out = []
+    for share in shares:
+        for d in np.linspace(-20, 20, 161):  # the shift of the new classes' logits, lowest first
+            taken = float((w_gap > d).mean())
+            if taken <= share:
+                out.append({"max_taken": share, "taken": taken, "accuracy": float((right & (h_gap > d)).mean()),
+                            "shift": float(d)})
+                break
+    return out
+
+
 def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
                s: TrainSettings, negatives: np.ndarray | None = None,
-               background: Background | None = None) -> tuple[Head, TrainReport]:
+               background: Background | None = None, names: list[str] | None = None) -> tuple[Head, TrainReport]:
     """Report held-out accuracy on a seeded split, and the share of held-out background photos
     taken (the head of that check is fitted on the other half of the background), then train the
     final head on every photo and the whole background."""
@@ -150,6 +194,7 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
             background = None
         else:
             background = kept
+    feats, labels = _set_aside_suspicious(base, feats, labels, classes, s, names, report)
     parts = split(labels, s.holdout, s.seed)
     if parts is not None:
         tr, ho = parts
@@ -164,6 +209,16 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
         if bg_held is not None:
             report.heldout["background_taken"] = taken_share(base, probe, bg_held)
             report.heldout["background_photos"] = int(len(bg_held))
+            report.checks["trade"] = trade(score_features(base, probe, feats[ho, 0]), labels[ho],
+                                           score_features(base, probe, bg_held), len(base.labels))
+    if 2 <= len(classes) <= s.check_strangers:
+        def fit_without(c: int) -> Head:
+            rows = np.flatnonzero(labels != c)
+            return fit(base, feats, labels[rows] - (labels[rows] > c), [k for i, k in enumerate(classes) if i != c], s,
+                       f"strangers check ({classes[c]} left out)", negatives, background, rows=rows)
+
+        report.checks |= strangers_named(fit_without, lambda h, f: score_features(base, h, f), feats[:, 0], labels,
+                                         len(classes), len(base.labels), s.seed) or {}
     head = fit(base, feats, labels, classes, s, "training", negatives, background)
     report.seconds = time.time() - t0
     return head, report
