@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from extendserve.base import builtin_base
-from extendserve.features import FeatureExtractor, scan_folder
-from extendserve.pretrained import load_backbone
-from extendserve.train import TrainSettings, fit, score_features
+from extendserve.bases.base import builtin_base
+from extendserve.bases.pretrained import load_backbone
+from extendserve.training.features import FeatureExtractor, scan_folder
+from extendserve.training.train import TrainSettings, fit, score_features
 
 from common import machine
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from extendserve.base import builtin_base  # noqa: E402
-from extendserve.features import FeatureExtractor, scan_folder  # noqa: E402
-from extendserve.pretrained import load_backbone  # noqa: E402
-from extendserve.train import TrainSettings, score_features, train_head  # noqa: E402
-from extendserve.world import background_for  # noqa: E402
+from extendserve.bases.base import builtin_base  # noqa: E402
+from extendserve.bases.pretrained import load_backbone  # noqa: E402
+from extendserve.bases.world import background_for  # noqa: E402
+from extendserve.training.features import FeatureExtractor, scan_folder  # noqa: E402
+from extendserve.training.train import TrainSettings, score_features, train_head  # noqa: E402
 
 from common import SAMPLE, SHARED, write_section
 
@@ -61,7 +61,7 @@ def flagged(base, fx) -> str:  # type: ignore[no-untyped-def]
     rows = []
     for name, root in (("faces", CELEBS), ("hand signs", SHARED / "signs"), ("garments", SHARED / "clothes")):
         feats, labels, classes, names = load(fx, root)
-        from extendserve.checks import suspicious
+        from extendserve.heads.checks import suspicious
 
         logits = feats[:, 0] @ base.weight.T + base.bias
         p = np.exp(logits - logits.max(1, keepdims=True))

@@ -115,6 +115,6 @@ def best_rate(fn, items: int, repeats: int = 3, min_seconds: float = 0.5) -> flo
 
 def torch_merged(loaded, heads):  # type: ignore[no-untyped-def]
     """The merged model in torch eager (uint8 pixels -> base logits | heads), for torch-side figures."""
-    from extendserve.scoring import TorchMerged
+    from extendserve.heads.scoring import TorchMerged
 
     return TorchMerged(loaded.model, loaded.spec.preprocess, heads).eval()

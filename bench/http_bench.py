@@ -28,7 +28,7 @@ from common import ROOT, photos, write_section  # noqa: E402
 
 
 def in_process(model_dir: str, data: list[bytes], n: int) -> float:
-    from extendserve.runtime import Model
+    from extendserve.serving.runtime import Model
 
     m = Model(model_dir)
     m.run(np.stack([m.prepare(b) for b in data[:16]]))

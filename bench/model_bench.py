@@ -24,12 +24,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extendserve.base import builtin_base  # noqa: E402
-from extendserve.head import Head  # noqa: E402
-from extendserve.merge import merged_model, wire  # noqa: E402
-from extendserve.onnx_export import export_module  # noqa: E402
-from extendserve.pretrained import load_backbone  # noqa: E402
-from extendserve.runtime import make_session  # noqa: E402
+from extendserve.bases.base import builtin_base  # noqa: E402
+from extendserve.bases.onnx_export import export_module  # noqa: E402
+from extendserve.bases.pretrained import load_backbone  # noqa: E402
+from extendserve.building.merge import merged_model, wire  # noqa: E402
+from extendserve.heads.head import Head  # noqa: E402
+from extendserve.sessions import make_session  # noqa: E402
 
 from common import best_rate, torch_merged, write_section  # noqa: E402
 
@@ -199,7 +199,7 @@ def one_side(side: str, repeats: int) -> None:
 
 
 def gpu_rows(onnx_bytes: bytes, merged: nn.Module, size: int, repeats: int) -> list[str]:
-    from extendserve.runtime import _gpu_present
+    from extendserve.sessions import _gpu_present
 
     if not _gpu_present():
         return ["No GPU on this machine: the GPU figures (fp32 by batch with IO binding) are pending."]

@@ -11,10 +11,10 @@ import time
 import numpy as np
 import torch
 
-from extendserve.backbone import InputAdapter
-from extendserve.base import builtin_base
-from extendserve.features import FeatureExtractor
-from extendserve.pretrained import load_backbone
+from extendserve.bases.backbone import InputAdapter
+from extendserve.bases.base import builtin_base
+from extendserve.bases.pretrained import load_backbone
+from extendserve.training.features import FeatureExtractor
 
 
 def rate(fn, x, repeats: int) -> float:

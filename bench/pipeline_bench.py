@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from extendserve.preprocess import decode, prepare, resize_crop  # noqa: E402
-from extendserve.runtime import Model  # noqa: E402
+from extendserve.photos.preprocess import decode, prepare, resize_crop  # noqa: E402
+from extendserve.serving.runtime import Model  # noqa: E402
 
 from common import best_rate, generated, photos, write_section  # noqa: E402
 

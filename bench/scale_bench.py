@@ -113,8 +113,8 @@ def throughput(model_dir: Path, repeats: int) -> tuple[float, float]:
     runs; interleaving single calls spreads the machine's slow spells over both."""
     import onnxruntime as ort
 
-    from extendserve.base import builtin_base
-    from extendserve.pretrained import load_backbone
+    from extendserve.bases.base import builtin_base
+    from extendserve.bases.pretrained import load_backbone
 
     def session(graph: bytes) -> ort.InferenceSession:
         o = ort.SessionOptions()

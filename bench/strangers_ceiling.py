@@ -16,9 +16,9 @@ import argparse
 import numpy as np
 import torch
 
-from extendserve.base import builtin_base
-from extendserve.calibrated import fit_ranker, power
-from extendserve.pretrained import load_backbone
+from extendserve.bases.base import builtin_base
+from extendserve.bases.pretrained import load_backbone
+from extendserve.heads.calibrated import fit_ranker, power
 
 from world_splits import Bench
 

@@ -26,7 +26,7 @@ def main() -> None:
     celebs = SHARED / "celebs" / "train"
     if not celebs.is_dir():
         raise SystemExit("needs ../shared/data/celebs/train")
-    from extendserve.runtime import Model
+    from extendserve.serving.runtime import Model
 
     people, split = fixed_split(celebs)
     rows = []

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extendserve.base import builtin_base
-from extendserve.calibrated import fit_ranker
-from extendserve.features import FeatureExtractor, scan_folder
-from extendserve.imagenet import synset_index
-from extendserve.pretrained import load_backbone
-from extendserve.train import TrainSettings, fit, score_features
-from extendserve.world import Background
+from extendserve.bases.base import builtin_base
+from extendserve.bases.imagenet import synset_index
+from extendserve.bases.pretrained import load_backbone
+from extendserve.bases.world import Background
+from extendserve.heads.calibrated import fit_ranker
+from extendserve.training.features import FeatureExtractor, scan_folder
+from extendserve.training.train import TrainSettings, fit, score_features
 
 from common import SAMPLE, SHARED, machine
 

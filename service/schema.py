@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, Field
 
-from extendserve.runtime import Prediction
+from extendserve.serving.runtime import Prediction
 
 from .forms import strict_int, strict_share
 
@@ -16,7 +16,7 @@ MinScore = Annotated[float, BeforeValidator(strict_share)]
 
 
 class Classification(BaseModel):
-    """A photo's top-k classes, best first (``extendserve.runtime.Prediction``, as ``predict`` gives them)."""
+    """A photo's top-k classes, best first (``extendserve.serving.runtime.Prediction``, as ``predict`` gives them)."""
 
     predictions: list[Prediction]
 
@@ -73,8 +73,8 @@ def info_payload(model: Any, batching: dict[str, float], s: Any, tag: str | None
     import onnxruntime
 
     from extendserve import __version__
-    from extendserve.manifest import without_paths
-    from extendserve.settings import cgroup_cpus, cores
+    from extendserve.building.manifest import without_paths
+    from extendserve.serving.settings import cgroup_cpus, cores
 
     m = model.manifest.to_dict()
     payload = {k: m[k] for k in ("labels", "backbone", "preprocess", "verification", "opset", "model_sha256", "min_score")}

@@ -3,7 +3,7 @@
 No torch here: onnxruntime, numpy and Pillow only. Decoding runs in worker threads, off the
 event loop, and concurrent requests share model calls through a small in-process batcher.
 Settings and the model are checked when this module is imported, in ``bentoml serve``'s main
-process, so a bad one stops the whole service at once with the fix (see extendserve.served).
+process, so a bad one stops the whole service at once with the fix (see extendserve.serving.served).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ try:
 except ImportError:  # inside a bento built from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from extendserve.batching import MicroBatcher
 from extendserve.errors import BadImageError, ExtendserveError
-from extendserve.runtime import Model
-from extendserve.served import ReadyMarks, engine_choice, give_back_memory, resolve_served_model
-from extendserve.settings import ServiceSettings
+from extendserve.serving.batching import MicroBatcher
+from extendserve.serving.runtime import Model
+from extendserve.serving.served import ReadyMarks, engine_choice, give_back_memory, resolve_served_model
+from extendserve.serving.settings import ServiceSettings
 
 from .edge import ClientError, HttpEdge, answers_client_errors
 from .schema import Classification, Info, MinScore, TopK, info_payload, with_description
@@ -99,12 +99,10 @@ class Classifier:
                     MODEL_DIR, self.model.device.upper(), self.model.engine.name,
                     ", ".join(self.model.providers))
         self.model.warm_up((1, 8, S.max_batch))  # grow memory arenas to the largest batch now
-        # An in-process batcher rather than @bentoml.api(batchable=True): a batchable API takes exactly
-        # one argument ("Batch inference function only accept one argument", BentoML 1.4's
-        # batch_infer), so /classify's top_k and /classify_batch's many photos a request would need a
-        # second service and a hop between processes. Measured (bench/http_bench.py, 16 clients, this
-        # 2-core CPU): batching concurrent photos within 4 ms served 0.82 of the in-process rate
-        # against 0.62 without, with one worker.
+        # An in-process batcher, not @bentoml.api(batchable=True): a batchable API takes one argument
+        # (BentoML 1.4's batch_infer), so top_k and a batch's many photos would need a second service
+        # and a hop between processes. bench/http_bench.py, 16 clients, 2 cores: 0.82 of the in-process
+        # rate batching within 4 ms, 0.62 without.
         self.batcher = MicroBatcher(self.model.probabilities, max_batch=S.max_batch, max_wait_ms=S.batch_ms)
         # Photos decoded at once on this worker, whatever the number of requests: a decoded 12 MP
         # photo is 36 MB, and six concurrent batches once took a worker from 333 MB to 1 GB for good.

@@ -52,7 +52,7 @@ def _run_cli_here(args: list[str]) -> subprocess.CompletedProcess[str]:
     import contextlib
     import traceback
 
-    from extendserve.cli import main
+    from extendserve.cli.parser import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -140,8 +140,8 @@ def torch_reference(heads: list, pixels: np.ndarray, backbone: str = "efficientn
     """The merged model's logits computed in torch alone (what the merged ONNX graph must reproduce)."""
     import torch
 
-    from extendserve.pretrained import load_backbone
-    from extendserve.scoring import TorchMerged
+    from extendserve.bases.pretrained import load_backbone
+    from extendserve.heads.scoring import TorchMerged
 
     bb = load_backbone(backbone)
     with torch.no_grad():

@@ -43,7 +43,7 @@ def the_photo() -> tuple[bytes, str]:
     tench = IMAGENET_SAMPLE / "n01440764_tench.JPEG"
     if tench.is_file():
         return tench.read_bytes(), "tench"
-    from extendserve.demo import demo_photos
+    from extendserve.building.demo import demo_photos
 
     return Path(demo_photos()["Grace Hopper (demo)"]).read_bytes(), "military uniform"
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from extendserve.api import build, train_head
 from extendserve.errors import BadImageError, ExtendserveError
-from extendserve.runtime import Model
+from extendserve.serving.runtime import Model
 
 from conftest import synthetic_photo
 

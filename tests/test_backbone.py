@@ -1,10 +1,10 @@
 import pytest
 import torch
 
+from extendserve.bases.imagenet import imagenet_labels, synset_index
+from extendserve.bases.pretrained import load_backbone
+from extendserve.bases.registry import REGISTRY, get_spec
 from extendserve.errors import ExtendserveError
-from extendserve.imagenet import imagenet_labels, synset_index
-from extendserve.pretrained import load_backbone
-from extendserve.registry import REGISTRY, get_spec
 
 from conftest import IMAGENET_SAMPLE, needs_shared
 
@@ -54,7 +54,7 @@ def test_matches_independent_implementation(name):
 @needs_shared
 @pytest.mark.parametrize("name", NAMES)
 def test_top1_on_imagenet_sample(name):
-    from extendserve.pretrained import imagenet_top1
+    from extendserve.bases.pretrained import imagenet_top1
 
     # The test session's cache starts empty (conftest): computed here, then reused by `backbones`.
     assert imagenet_top1(load_backbone(name), IMAGENET_SAMPLE) == (TOP1[name], 200)
@@ -66,7 +66,7 @@ def test_other_backbones_build_verified_models_at_their_own_size(name, tmp_path)
 
     import numpy as np
 
-    from extendserve.runtime import Model
+    from extendserve.serving.runtime import Model
 
     from conftest import run_cli
 

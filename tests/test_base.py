@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from extendserve.base import load_base
-from extendserve.imagenet import imagenet_labels
-from extendserve.preprocess import prepare_file
-from extendserve.runtime import Model
+from extendserve.bases.base import load_base
+from extendserve.bases.imagenet import imagenet_labels
+from extendserve.photos.preprocess import prepare_file
+from extendserve.serving.runtime import Model
 
 from conftest import IMAGENET_SAMPLE, needs_shared, run_cli
 
@@ -140,7 +140,7 @@ def foreign_lite0(tmp_path: Path) -> list[str]:
     """The independent efficientnet-lite-pytorch EfficientNet-Lite0, real weights, exported to ONNX."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    from extendserve.registry import get_spec
+    from extendserve.bases.registry import get_spec
 
     spec = get_spec("efficientnet_lite0")
     files = importlib.import_module(spec.weights_module)
@@ -210,8 +210,8 @@ def test_external_data_custom_domains_and_invalid_graphs_are_refused(synthetic_d
 @pytest.mark.parametrize("key, value", [("std", "[0.2, Infinity, 0.2]"), ("mean", "[NaN, 0.4, 0.3]")])
 def test_preprocess_takes_finite_values_only(tmp_path, key, value):
     """JSON readers take NaN and Infinity: a std of Infinity once built a model that zeroed a channel."""
+    from extendserve.bases.onnx_file import preprocess_from_file
     from extendserve.errors import ExtendserveError
-    from extendserve.onnx_file import preprocess_from_file
 
     pre = dict(PRE)
     text = json.dumps({k: v for k, v in pre.items() if k != key})[:-1] + f', "{key}": {value}}}'
@@ -250,8 +250,8 @@ def test_preprocessing_and_labels_are_part_of_a_heads_identity(synthetic_data, t
 def test_preprocess_units_are_written_and_either_kind_is_read(built_model, tmp_path):
     """The manifest writes mean/std in pixel values and says so; --preprocess takes torchvision's 0-1
     values or, with "units": "0-255", the manifest's own block pasted as it is."""
+    from extendserve.bases.onnx_file import preprocess_from_file
     from extendserve.errors import ExtendserveError
-    from extendserve.onnx_file import preprocess_from_file
 
     block = json.loads((built_model / "manifest.json").read_text())["preprocess"]
     assert block["units"] == "0-255" and block["mean"] == [127.0, 127.0, 127.0]

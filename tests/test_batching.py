@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from extendserve.batching import MicroBatcher
+from extendserve.serving.batching import MicroBatcher
 
 
 def test_concurrent_submissions_share_calls_and_keep_order():

@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from extendserve.base import builtin_base
-from extendserve.calibrate import _unit, choose_threshold, fit_metric, loo_similarities, out_of_fold_distances
-from extendserve.head import load_head
-from extendserve.preprocess import resize_crop
-from extendserve.pretrained import load_backbone
-from extendserve.runtime import Model
-from extendserve.train import TrainSettings, score_features, train_head
+from extendserve.bases.base import builtin_base
+from extendserve.bases.pretrained import load_backbone
+from extendserve.heads.calibrate import _unit, choose_threshold, fit_metric, loo_similarities, out_of_fold_distances
+from extendserve.heads.head import load_head
+from extendserve.photos.preprocess import resize_crop
+from extendserve.serving.runtime import Model
+from extendserve.training.train import TrainSettings, score_features, train_head
 
 from conftest import CELEBS, IMAGENET_SAMPLE, needs_shared, relative_diff, run_cli, synthetic_photo, torch_reference
 

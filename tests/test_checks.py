@@ -8,13 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from extendserve.base import builtin_base
-from extendserve.checks import suspicious
-from extendserve.features import FeatureExtractor, scan_folder
-from extendserve.pretrained import load_backbone
-from extendserve.runtime import Model
-from extendserve.train import TrainSettings, score_features, train_head
-from extendserve.world import background_for
+from extendserve.bases.base import builtin_base
+from extendserve.bases.pretrained import load_backbone
+from extendserve.bases.world import background_for
+from extendserve.heads.checks import suspicious
+from extendserve.serving.runtime import Model
+from extendserve.training.features import FeatureExtractor, scan_folder
+from extendserve.training.train import TrainSettings, score_features, train_head
 
 from conftest import CELEBS, IMAGENET_SAMPLE, jpeg_bytes, needs_shared, run_cli, synthetic_photo
 

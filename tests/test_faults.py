@@ -15,7 +15,7 @@ import torch
 
 from extendserve.errors import ExtendserveError
 from extendserve.names import check_class_names
-from extendserve.runtime import Model
+from extendserve.serving.runtime import Model
 
 from conftest import jpeg_bytes, run_cli, synthetic_photo
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from extendserve.registry import names
+from extendserve.bases.registry import names
 
 from conftest import ROOT, run_cli, synthetic_photo
 
@@ -100,7 +100,7 @@ def test_help_version_defaults_and_choices():
 
 
 def test_cli_backbone_choices_come_from_the_registry_without_torch():
-    code = ("import sys; from extendserve.cli import parser; from extendserve.registry import names; "
+    code = ("import sys; from extendserve.cli.parser import parser; from extendserve.bases.registry import names; "
             "p = parser(); a = p.parse_args(['build', '--backbone', names()[-1]]); "
             "print(a.backbone, 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -12,10 +12,10 @@ from pathlib import Path
 import bentoml
 import pytest
 
+from extendserve.building.store import resolve
 from extendserve.errors import ExtendserveError
-from extendserve.head import load_head
-from extendserve.runtime import Model
-from extendserve.store import resolve
+from extendserve.heads.head import load_head
+from extendserve.serving.runtime import Model
 
 from conftest import run_cli, synthetic_photo
 

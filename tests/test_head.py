@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from extendserve.errors import HeadFileError
-from extendserve.head import load_head
+from extendserve.heads.head import load_head
 
 from conftest import run_cli
 

@@ -8,9 +8,9 @@ import onnx
 import pytest
 import torch
 
-from extendserve.head import load_head
-from extendserve.preprocess import resize_crop
-from extendserve.runtime import Model
+from extendserve.heads.head import load_head
+from extendserve.photos.preprocess import resize_crop
+from extendserve.serving.runtime import Model
 
 from conftest import jpeg_bytes, relative_diff, run_cli, synthetic_photo, torch_reference
 
@@ -89,7 +89,7 @@ def test_predict_imports_no_torch(built_model, tmp_path):
 
     img = tmp_path / "x.jpg"
     img.write_bytes(jpeg_bytes(synthetic_photo(1, 5)))
-    code = ("import sys; from extendserve.cli import main; rc = main(['predict', '--model', sys.argv[1], sys.argv[2]]);"
+    code = ("import sys; from extendserve.cli.parser import main; rc = main(['predict', '--model', sys.argv[1], sys.argv[2]]);"
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok', rc)")
     r = subprocess.run([sys.executable, "-c", code, str(built_model), str(img)], capture_output=True, text=True)
     assert r.returncode == 0 and "ok 0" in r.stdout, r.stderr

@@ -10,7 +10,7 @@ from PIL import Image
 
 from extendserve.config import PreprocessConfig
 from extendserve.errors import BadImageError
-from extendserve.preprocess import decode, prepare
+from extendserve.photos.preprocess import decode, prepare
 
 from conftest import bomb_png, header_only_jpeg, jpeg_bytes, synthetic_photo
 
@@ -63,7 +63,7 @@ def phone_jpeg(side: int = 9000) -> bytes:
 
 
 def test_a_phone_sized_jpeg_is_decoded_at_reduced_scale_and_a_png_that_size_is_refused():
-    from extendserve.preprocess import MAX_PIXELS, decode
+    from extendserve.photos.preprocess import MAX_PIXELS, decode
 
     big = phone_jpeg()
     assert 9000 * 9000 > MAX_PIXELS
@@ -78,7 +78,7 @@ def test_a_phone_sized_jpeg_is_decoded_at_reduced_scale_and_a_png_that_size_is_r
 
 
 def test_large_jpeg_takes_the_draft_path_and_matches_full_decode():
-    from extendserve.preprocess import decode, resize_crop
+    from extendserve.photos.preprocess import decode, resize_crop
 
     big = jpeg_bytes(synthetic_photo(0, 5, size=(2048, 1536)))
     fast = decode(big, min_side=CFG.resize)
@@ -154,7 +154,7 @@ def _peak_growth_mb(code: str, data: bytes, tmp_path) -> float:
     import sys
 
     (tmp_path / "photo.bin").write_bytes(data)
-    prog = ("import resource, sys; from extendserve.preprocess import decode; "
+    prog = ("import resource, sys; from extendserve.photos.preprocess import decode; "
             f"data = open({str(tmp_path / 'photo.bin')!r}, 'rb').read(); decode(b'\\xff', 'warm') if False else None; "
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; " + code +
             "; print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")

@@ -101,7 +101,7 @@ def test_plain_json_base64_and_pixels(server, built_model):
     assert status == 200 and body["id"] == "r1", body
     assert body["outputs"][0]["datatype"] == "BYTES" and body["outputs"][0]["data"][0].endswith(":1001:red discs")
     from extendserve.config import PreprocessConfig
-    from extendserve.preprocess import prepare
+    from extendserve.photos.preprocess import prepare
 
     px = prepare(disc(), PreprocessConfig.from_dict(get(server, "/info")[1]["preprocess"]))
     status, body = post_json(server, f"/v2/models/{name}/infer", {

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from extendserve.calibrate import Metric, fit_metric
 from extendserve.errors import ExtendserveError
-from extendserve.head import Head
-from extendserve.runtime import Model
-from extendserve.scoring import Distances, head_graph
+from extendserve.heads.calibrate import Metric, fit_metric
+from extendserve.heads.head import Head
+from extendserve.heads.scoring import Distances, head_graph
+from extendserve.serving.runtime import Model
 
 
 def direct_distances(metric: Metric, feats: np.ndarray) -> np.ndarray:

@@ -140,7 +140,7 @@ def test_half_saved_version_is_removed_and_latest_names_a_whole_one(two_versions
     for f in half.iterdir():  # killed ten minutes ago (a version written a moment ago may be a save in progress)
         os.utime(f, (time.time() - 600, time.time() - 600))
     (store / "latest").write_text(half.name)  # as after `bentoml models delete` of the whole one
-    r = subprocess.run([sys.executable, "-c", "from extendserve.store import resolve; "
+    r = subprocess.run([sys.executable, "-c", "from extendserve.building.store import resolve; "
                         "print(resolve('extendserve-shapes:latest')[0])"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == second and not half.exists()

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from extendserve.building.manifest import Manifest
 from extendserve.errors import ExtendserveError, HeadFileError
-from extendserve.head import load_head
-from extendserve.manifest import Manifest
+from extendserve.heads.head import load_head
 
 from conftest import run_cli
 
@@ -88,7 +88,7 @@ def test_a_deeply_nested_manifest_is_a_one_line_error(built_model, tmp_path):
     store's other versions still serve."""
     import bentoml
 
-    from extendserve.store import save_to_store
+    from extendserve.building.store import save_to_store
 
     from conftest import jpeg_bytes, synthetic_photo
 
@@ -116,7 +116,7 @@ def test_a_deeply_nested_manifest_is_a_one_line_error(built_model, tmp_path):
 def test_a_second_build_into_the_same_folder_or_name_is_refused(synthetic_head, tmp_path):
     """While one build holds the folder (or the store name), another is refused with a message and
     writes nothing."""
-    from extendserve.publish import build_lock, output_dir
+    from extendserve.building.publish import build_lock, output_dir
 
     out = tmp_path / "m"
     with build_lock(output_dir(out), "extendserve-samename"):
@@ -134,8 +134,8 @@ def test_a_store_version_holds_the_bytes_its_build_verified(synthetic_head, tmp_
     replaced between the two (as a second build once did) does not leak into the printed tag."""
     import bentoml
 
-    from extendserve.build import BuiltModel
-    from extendserve.publish import publish, write_model_dir
+    from extendserve.building.build import BuiltModel
+    from extendserve.building.publish import publish, write_model_dir
 
     run_cli("build", "-o", str(tmp_path / "plain"), "--no-store")
     run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "m"), "--no-store")
@@ -145,7 +145,7 @@ def test_a_store_version_holds_the_bytes_its_build_verified(synthetic_head, tmp_
                        {k: v for k, v in files.items() if k.startswith("heads/")})
     other = {p.name: p.read_bytes() for p in (tmp_path / "plain").iterdir() if p.is_file()}
 
-    import extendserve.publish as pub
+    import extendserve.building.publish as pub
 
     real = pub.write_model_dir
 
@@ -165,7 +165,7 @@ def test_a_store_version_holds_the_bytes_its_build_verified(synthetic_head, tmp_
 
 
 def test_a_manifest_whose_labels_differ_from_the_model_is_refused(built_model, tmp_path):
-    from extendserve.runtime import Model
+    from extendserve.serving.runtime import Model
 
     m = tmp_path / "relabelled"
     shutil.copytree(built_model, m)
@@ -182,7 +182,7 @@ def test_a_planted_pinned_copy_is_never_served_and_a_read_only_cache_still_start
     there (another user's, with changed labels), or did not start at all."""
     import tempfile
 
-    from extendserve.runtime import read_model_dir
+    from extendserve.building.manifest import read_model_dir
 
     from test_service import Server, disc
 

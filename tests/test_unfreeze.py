@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from extendserve.head import load_head
-from extendserve.pretrained import load_backbone
-from extendserve.runtime import Model
+from extendserve.bases.pretrained import load_backbone
+from extendserve.heads.head import load_head
+from extendserve.serving.runtime import Model
 
 from conftest import run_cli
 
@@ -36,7 +36,7 @@ def test_head_carries_the_fine_tuned_copy(unfrozen_head):
 
 
 def test_two_branch_build_keeps_imagenet_exact(unfrozen_head, synthetic_head, tmp_path):
-    from extendserve.preprocess import prepare
+    from extendserve.photos.preprocess import prepare
 
     from conftest import jpeg_bytes, synthetic_photo
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from extendserve.backbone import build
-from extendserve.registry import get_spec
-from extendserve.runtime import Model
+from extendserve.bases.backbone import build
+from extendserve.bases.registry import get_spec
+from extendserve.serving.runtime import Model
 
 from conftest import run_cli
 

@@ -6,16 +6,17 @@ import numpy as np
 import onnx
 import pytest
 
-from extendserve.base import PIXELS, builtin_base
-from extendserve.features import FeatureExtractor
-from extendserve.merge import merged_model, wire
-from extendserve.preprocess import prepare_file
-from extendserve.pretrained import load_backbone
-from extendserve.runtime import Model, make_session, softmax
-from extendserve.scoring import FLOOR
-from extendserve.train import TrainSettings, score_features, train_head
-from extendserve.verify import verification_inputs, verify
-from extendserve.world import background_for, shipped_background
+from extendserve.bases.base import PIXELS, builtin_base
+from extendserve.bases.pretrained import load_backbone
+from extendserve.bases.world import background_for, shipped_background
+from extendserve.building.merge import merged_model, wire
+from extendserve.building.verify import verification_inputs, verify
+from extendserve.heads.scoring import FLOOR
+from extendserve.photos.preprocess import prepare_file
+from extendserve.serving.runtime import Model, softmax
+from extendserve.sessions import make_session
+from extendserve.training.features import FeatureExtractor
+from extendserve.training.train import TrainSettings, score_features, train_head
 
 from conftest import IMAGENET_SAMPLE, SHARED, needs_shared, run_cli
 
@@ -34,7 +35,7 @@ def centre_features(base, files) -> np.ndarray:
 
 
 def sample_by_kind():
-    from extendserve.imagenet import synset_index
+    from extendserve.bases.imagenet import synset_index
 
     files = sorted(IMAGENET_SAMPLE.iterdir())
     dogs = [f for f in files if synset_index(f.name.split("_")[0]) in DOGS]
@@ -42,7 +43,7 @@ def sample_by_kind():
 
 
 def test_every_builtin_backbone_ships_its_background():
-    from extendserve.registry import names
+    from extendserve.bases.registry import names
 
     for name in names():
         b = builtin_base(load_backbone(name))
@@ -83,7 +84,7 @@ def _assert_base_scores_where_no_new_class(logits: np.ndarray, scores: np.ndarra
 def test_old_scores_are_the_base_softmax_on_the_background(base, synthetic_head):
     """The base's own world (its shipped background, in the package) through the head's scorer:
     where no new class applies, each ImageNet score is the base's softmax within 1e-6."""
-    from extendserve.head import load_head
+    from extendserve.heads.head import load_head
 
     merged = score_features(base, load_head(synthetic_head), shipped_background(base).features)
     e = np.exp(merged - merged.max(1, keepdims=True).astype(np.float64))
@@ -100,7 +101,7 @@ def test_old_scores_are_the_base_softmax_in_the_built_model(built_model):
 
 def test_verification_covers_the_scores_output(base, built_model, synthetic_head):
     """A merged model whose scores are not the softmax of its logits fails verification."""
-    from extendserve.head import load_head
+    from extendserve.heads.head import load_head
 
     heads = [load_head(synthetic_head)]
     wiring = wire(base, heads)
@@ -152,6 +153,6 @@ def test_classes_made_of_the_background_photos_train_with_a_warning(base):
 
 
 def bg_of(bg, n: int):
-    from extendserve.world import Background
+    from extendserve.bases.world import Background
 
     return Background(bg.features[:n], bg.source)  # only copies of the training photos: none left to judge by

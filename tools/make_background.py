@@ -13,18 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from extendserve.backbone import load_backbone
-from extendserve.base import builtin_base
-from extendserve.config import BACKBONES
-from extendserve.features import FeatureExtractor
-from extendserve.world import background_path
+from extendserve.bases.base import builtin_base
+from extendserve.bases.pretrained import load_backbone
+from extendserve.bases.registry import names
+from extendserve.bases.world import background_path
+from extendserve.training.features import FeatureExtractor
 
 SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-sample"
 
 
 def main() -> None:
     files = sorted(p for p in SAMPLE.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
-    for name in sys.argv[1:] or BACKBONES:
+    for name in sys.argv[1:] or names():
         base = builtin_base(load_backbone(name))
         feats, ok, _ = FeatureExtractor(base).extract(files)
         path = background_path(base)

@@ -2,7 +2,7 @@
 :class:`~extendserve.errors.ExtendserveError` with the command's message instead of exiting.
 
     from extendserve.api import train_head, build
-    from extendserve.runtime import Model
+    from extendserve.serving.runtime import Model
 
     train_head("celebs/", "celebs.pt")
     build("models/celebs", new_heads=["celebs.pt"])          # also saved as extendserve-celebs
@@ -41,7 +41,7 @@ def _argv(options: dict[str, Any]) -> list[str]:
 def run(command: str, *args: str | os.PathLike[str], **options: Any) -> int:
     """Any ``extendserve`` command (``"train-head"``, ``"build"``, ``"eval"`` ...); its exit code
     when it finishes (1: done, with something to report, as a rebuild that is not identical)."""
-    from .cli import parser
+    from .cli.parser import parser
 
     argv = [command, *map(os.fspath, args), *_argv(options)]
     try:

@@ -1,0 +1,2 @@
+"""The command line: the parser, and one module a group of commands.
+"""

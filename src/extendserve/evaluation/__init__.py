@@ -1,0 +1,2 @@
+"""Evaluation: what an extension did on labelled photos, and its HTML report. No torch.
+"""
