@@ -59,8 +59,8 @@ def canonical_form(body: bytes, content_type: bytes, path: str, query: dict[str,
             raise FormError(f"a part has no 'Content-Disposition: form-data; name=...' header; {hint}")
         field = p[b"name"].decode("utf-8", "replace")
         if field not in fields:
-            raise FormError(f"unknown field {field[:40]!r}: this endpoint takes "
-                            + " and ".join(f"'{f}'" for f in fields) + f"; {hint}")
+            raise FormError(f"unknown field {field[:40]!r}: this endpoint takes " + ", ".join(f"'{f}'" for f in fields)
+                            + ("" if photos or field.lower() not in ("file", "photo", "img", "upload") else f"; {hint}"))
         if fields[field]:
             if b"filename" not in p:
                 raise FormError(f"the field '{field}' holds text, not a file; send the photo as a file "
@@ -149,7 +149,8 @@ def strict_int(value: Any) -> Any:
     ok = (isinstance(value, int) and not isinstance(value, bool)) or (
         isinstance(value, str) and re.fullmatch(r"[0-9]{1,9}", value.strip()) is not None)
     if not ok:  # BentoML reads form fields as JSON first: '1e3' arrives as 1000.0, 'true' as True
-        raise ValueError(f"top_k must be a whole number written in digits, such as 5, not {value!r}")
+        raise ValueError(f"top_k must be a whole number from 1 up to the model's classes, written in digits (such as 5), "
+                         f"not {value!r}")
     return value
 
 

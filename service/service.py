@@ -93,8 +93,7 @@ class Classifier:
             log.error("extendserve: %s", e)
             os.kill(os.getppid(), signal.SIGTERM)
             raise SystemExit(2) from None
-        # INFO, not WARNING: serving on the CPU is a normal state (a failed CUDA load warns where it happens)
-        log.setLevel(logging.INFO)
+        log.setLevel(logging.INFO)  # serving on the CPU is a normal state, not a WARNING
         log.info("extendserve: serving %s (pinned copy %s) on %s with %s (providers: %s)", MODEL_TAG or MODEL_SOURCE,
                     MODEL_DIR, self.model.device.upper(), self.model.engine.name,
                     ", ".join(self.model.providers))
@@ -130,7 +129,8 @@ class Classifier:
         """An uploaded file or a raw body -> the model's pixels, size-checked before it is read."""
         size = len(photo) if isinstance(photo, bytes) else photo.stat().st_size
         if size > S.max_upload:
-            raise ClientError(413, f"{name}: {size / 2**20:.1f} MB is over the {S.max_upload / 2**20:.0f} MB upload limit")
+            raise ClientError(413, f"{name}: {size / 2**20:.1f} MB is over the {S.max_upload / 2**20:.0f} MB upload limit "
+                                   "(EXTENDSERVE_MAX_UPLOAD_MB)")
         read = (lambda: photo) if isinstance(photo, bytes) else photo.read_bytes
         async with self.decoding:
             try:

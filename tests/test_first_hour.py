@@ -127,3 +127,58 @@ def test_make_serve_does_not_install_the_test_tools():
     test = subprocess.run(["make", "-n", "-B", "test"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "-e '.[demo]'" in serve and ".[test]" not in serve
     assert ".[test]" in test and "pytest" in test
+
+
+# --------------------------------------------------------------------------- frictions a new user met
+
+
+def test_predict_outside_the_project_uses_the_demo_in_the_store(built_model, tmp_path):
+    """`predict a.jpg` from any folder: models/default is not there, the store's demo is."""
+    from extendserve.building.store import save_to_store
+
+    from conftest import jpeg_bytes
+
+    save_to_store(built_model, "default")
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(synthetic_photo(0, 5)))
+    r = subprocess.run([sys.executable, "-m", "extendserve", "predict", "a.jpg", "--json"], cwd=tmp_path,
+                       capture_output=True, text=True, env=os.environ)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["predictions"][0]["label"] == "red discs"
+    piped = subprocess.run(f"'{sys.executable}' -m extendserve predict a.jpg a.jpg a.jpg | head -c 10", shell=True,
+                           cwd=tmp_path, capture_output=True, text=True, env=os.environ)
+    assert "Traceback" not in piped.stderr and "BrokenPipe" not in piped.stderr
+
+
+def test_backbones_prints_the_registry_at_once():
+    import time
+
+    t0 = time.time()
+    r = run_cli("backbones")
+    assert time.time() - t0 < 10 and all(n in r.stdout for n in names()) and "--imagenet" in r.stdout
+    h = run_cli("backbones", "--help").stdout
+    assert h.count("(default") == 0 and "JSON" in h
+
+
+def test_api_run_returns_the_figures_and_keeps_argparse_quiet(built_model, synthetic_data, capsys):
+    from extendserve.api import run
+    from extendserve.errors import ExtendserveError
+
+    res = run("eval", model=str(built_model), new=str(synthetic_data))
+    assert isinstance(res, dict) and 0 <= res["new"]["accuracy"] <= 1
+    photo = next((synthetic_data / "red discs").glob("*.jpg"))
+    assert run("predict", str(photo), model=str(built_model))[0]["predictions"][0]["label"] == "red discs"
+    capsys.readouterr()
+    with pytest.raises(ExtendserveError, match="unrecognized arguments|not valid"):
+        run("eval", model=str(built_model), no_such_option=3)
+    assert "usage:" not in capsys.readouterr().err
+
+
+def test_a_class_folder_given_for_the_data_folder_suggests_its_parent(synthetic_data, tmp_path):
+    r = run_cli("train-head", str(synthetic_data / "red discs"), "-o", str(tmp_path / "h.pt"), check=False)
+    assert r.returncode == 2 and "one class's folder" in r.stderr and str(synthetic_data.resolve()) in r.stderr
+
+
+def test_build_from_a_folder_into_another_says_it_makes_a_new_store_model(built_model, tmp_path):
+    r = run_cli("build", "--from", str(built_model), "-o", str(tmp_path / "m2"))
+    assert "a new store model" in r.stdout and "extendserve-m2" in r.stdout
+    assert "bentoml serve " + str(ROOT) in r.stdout  # the serve hint works from any folder

@@ -38,18 +38,27 @@ def _argv(options: dict[str, Any]) -> list[str]:
     return out
 
 
-def run(command: str, *args: str | os.PathLike[str], **options: Any) -> int:
-    """Any ``extendserve`` command (``"train-head"``, ``"build"``, ``"eval"`` ...); its exit code
-    when it finishes (1: done, with something to report, as a rebuild that is not identical)."""
+def run(command: str, *args: str | os.PathLike[str], **options: Any) -> Any:
+    """Any ``extendserve`` command (``"train-head"``, ``"build"``, ``"eval"`` ...), positional
+    arguments as on the command line (``run("predict", "a.jpg", "b.jpg", model="models/celebs")``),
+    options as keywords. Returns what the command measured where it measures something (``eval``:
+    the figures as a dict; ``predict``: one result a photo), else its exit code (0; 1: done, with
+    something to report, as a rebuild that is not identical)."""
+    import contextlib
+    import io
+
     from .cli.parser import parser
 
     argv = [command, *map(os.fspath, args), *_argv(options)]
+    said = io.StringIO()
     try:
-        parsed = parser().parse_args(argv)
-    except SystemExit:  # argparse has printed what is wrong
-        raise ExtendserveError(f"extendserve {' '.join(argv)}: not valid options (see the message above, or "
-                               f"extendserve {command} --help)") from None
-    return int(parsed.func(parsed))
+        with contextlib.redirect_stderr(said):  # argparse's usage text goes into the exception, not the notebook
+            parsed = parser().parse_args(argv)
+    except SystemExit:
+        why = said.getvalue().strip().splitlines()[-1:] or ["not valid options"]
+        raise ExtendserveError(f"extendserve {' '.join(argv)}: {why[0]} (extendserve {command} --help)") from None
+    code = int(parsed.func(parsed))
+    return getattr(parsed, "result", code)
 
 
 def train_head(data: str | os.PathLike[str], output: str | os.PathLike[str], **options: Any) -> Path:

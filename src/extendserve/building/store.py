@@ -117,6 +117,12 @@ def _latest_if_same(name: str, manifest: Manifest) -> str | None:
     return str(latest.tag) if same else None
 
 
+def versions(name: str) -> int:
+    """How many versions of store model ``name`` there are."""
+    root = _versions_root(name)
+    return sum(1 for p in root.iterdir() if p.is_dir()) if root.is_dir() else 0
+
+
 def resolve(tag: str) -> tuple[str, Path]:
     """A tag (``latest`` allowed) -> the concrete ``name:version`` and its folder, from the local
     store only (no remote pull at start-up), or an error with the fix."""

@@ -14,6 +14,10 @@ from ..building.store import PREFIX  # the store module imports bentoml only whe
 from ..errors import ExtendserveError
 
 DEFAULT_MODEL_DIR = os.environ.get("EXTENDSERVE_MODEL_DIR", "models/default")
+# The project folder (its bentofile.yaml and service), when extendserve runs from a checkout: the serve
+# hint names it, so the printed command works from any folder (bentoml serve DIR).
+_CHECKOUT = Path(__file__).resolve().parents[3]
+PROJECT = str(_CHECKOUT) if (_CHECKOUT / "bentofile.yaml").is_file() else None
 
 
 def err(msg: str) -> None:
@@ -61,9 +65,14 @@ def absolute(path: str) -> str:
     return str(Path(path).absolute())
 
 
-def model_folder(given: str, option: str = "--model") -> tuple[Path, str | None]:
+def model_folder(given: str | None, option: str = "--model") -> tuple[Path, str | None]:
     """A built model's folder from what a user gives: the folder, its manifest.json, or a store tag
-    (``extendserve-NAME:VERSION`` or ``:latest``); (folder, the concrete tag or None)."""
+    (``extendserve-NAME:VERSION`` or ``:latest``); (folder, the concrete tag or None). Nothing given:
+    EXTENDSERVE_MODEL_DIR, else models/default when it is here, else the demo in the store (so
+    ``predict`` works from any folder once ``make serve`` has built it)."""
+    if given is None:
+        given = os.environ.get("EXTENDSERVE_MODEL_DIR") or ("models/default" if Path("models/default").is_dir()
+                                                           else f"{PREFIX}default:latest")
     p = Path(given)
     if p.is_file() and p.name == "manifest.json":
         return p.parent, None
@@ -95,9 +104,13 @@ def say_saved(saved: tuple[str, bool] | None) -> None:
     if saved is None:
         return
     tag, new = saved
+    serve = f"EXTENDSERVE_MODEL={tag} bentoml serve {PROJECT}" if PROJECT else f"EXTENDSERVE_MODEL={tag} bentoml serve"
     if new:
-        print(f"saved to the BentoML model store as {tag} (bentoml models list; serve it with "
-              f"EXTENDSERVE_MODEL={tag} bentoml serve)")
+        from ..building.store import versions
+
+        first = versions(tag.split(":")[0]) == 1
+        print(f"saved to the BentoML model store as {tag}" + (" (a new store model; --name NAME picks the name, "
+              "--no-store saves none)" if first else "") + f" (bentoml models list; serve it with: {serve})")
     else:
         print(f"the model store's latest {tag} is this same model (same model.onnx): kept it, no new version saved "
-              f"(serve it with EXTENDSERVE_MODEL={tag} bentoml serve)")
+              f"(serve it with: {serve})")

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from ..errors import ExtendserveError
 from .build import cmd_build, cmd_demo
@@ -22,13 +22,16 @@ from .common import DEFAULT_MODEL_DIR, err
 from .train import cmd_train_head
 from .use import cmd_backbones, cmd_eval, cmd_predict
 
+MODEL_HELP = ("a built model folder, or a store tag (extendserve-NAME:latest); default: models/default when "
+              "there is one here, else the demo in the store (extendserve-default:latest)")
+
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults shown after each option's help (not where there is none); the description's lines
     kept as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None:
+        if action.default is None or "(default" in (action.help or "") or action.default is False:
             return action.help
         return super()._get_help_string(action)
 
@@ -106,7 +109,7 @@ def _train_head_options(t: argparse.ArgumentParser) -> None:
 
 
 def _eval_options(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder, or a store tag (extendserve-NAME:latest)")
+    e.add_argument("--model", default=None, help=MODEL_HELP)
     e.add_argument("--new", help="class-per-folder photos of the new classes")
     e.add_argument("--imagenet", help="photos named <synset>_<name>.JPEG")
     e.add_argument("--report", metavar="FILE.html", help="also write a self-contained page: accuracy per class, a "
@@ -153,11 +156,11 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="classify photos with a built model (onnxruntime, no torch)")
     r.add_argument("images", nargs="+")
-    r.add_argument("--model", default=DEFAULT_MODEL_DIR, help="a built model folder, or a store tag (extendserve-NAME:latest)")
+    r.add_argument("--model", default=None, help=MODEL_HELP)
     r.add_argument("--top-k", type=int, default=5, help="predictions shown per photo")
     r.add_argument("--min-score", type=float, default=None,
                    help="below this best score, answer 'unknown' first (default: the model's, set at build)")
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--json", action="store_true", help="one JSON list of results (each photo's predictions or error)")
     r.set_defaults(func=cmd_predict)
 
     _eval_options(sub.add_parser("eval", help="new-class accuracy, ImageNet photos stolen, ImageNet top-1"))
@@ -168,10 +171,9 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     k = sub.add_parser("backbones", help="list the backbone registry")
-    default_sample = Path("../shared/data/imagenet-sample")
-    k.add_argument("--imagenet", default=str(default_sample) if default_sample.is_dir() else None,
-                   help="ImageNet sample folder for the top-1 column (default: ../shared/data/imagenet-sample if present)")
-    k.add_argument("--json", action="store_true")
+    k.add_argument("--imagenet", metavar="DIR", help="also measure each backbone's top-1 on a folder of ImageNet "
+                   "photos named <synset>_<name>.JPEG (loads each backbone: a minute or two)")
+    k.add_argument("--json", action="store_true", help="the table as a JSON list")
     k.set_defaults(func=cmd_backbones)
     return p
 
@@ -180,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # `extendserve predict ... | head`: the reader has gone, which is no error
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ExtendserveError as e:
         err(f"error: {e}")
         return 2

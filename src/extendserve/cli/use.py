@@ -31,7 +31,7 @@ def cmd_predict(a: argparse.Namespace) -> int:
                   engine=os.environ.get("EXTENDSERVE_ENGINE", "onnxruntime"))
     if a.min_score is not None and not 0 <= a.min_score <= 1:
         raise ExtendserveError(f"--min-score is a score from 0 to 1, not {a.min_score}")
-    results = model.predict_files(a.images, a.top_k, a.min_score)
+    results = a.result = model.predict_files(a.images, a.top_k, a.min_score)
     if a.json:
         print(json.dumps(results, indent=2))
     else:
@@ -50,7 +50,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     if a.report and Path(a.report).is_dir():
         raise ExtendserveError(f"--report {a.report} is a folder; give a file name such as {Path(a.report) / 'report.html'}")
-    res = evaluate(str(model_folder(a.model)[0]), new=a.new, imagenet=a.imagenet, photos=bool(a.report))
+    res = a.result = evaluate(str(model_folder(a.model)[0]), new=a.new, imagenet=a.imagenet, photos=bool(a.report))
     if a.report:
         from ..evaluation.report import write_report
 

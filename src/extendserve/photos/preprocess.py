@@ -81,7 +81,7 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
         raise BadImageError(f"{source}: refused as a decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:
         raise BadImageError(
-            f"{source}: not a recognised image format; send a JPEG, PNG, WebP, GIF, BMP or TIFF"
+            f"{source}: not a recognised image format; use a JPEG, PNG, WebP, GIF, BMP or TIFF"
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError, TypeError, IndexError, KeyError) as e:
         raise BadImageError(f"{source}: the image data is corrupt or truncated ({e})") from None

@@ -50,6 +50,9 @@ def scan_folder(root: str | os.PathLike[str]) -> Dataset:
         raise ExtendserveError(f"{root}: not a folder; give a folder with one sub-folder of photos per class")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
+        if any(p.suffix.lower() in IMAGE_EXTS for p in root.iterdir() if p.is_file()):
+            raise ExtendserveError(f"{root}: holds photos but no class folders; it looks like one class's folder: give "
+                                   f"the folder above it, {root.resolve().parent}, whose sub-folders are the classes")
         raise ExtendserveError(f"{root}: no class folders; put each class's photos in root/<class name>/")
     seen: dict[Path, str] = {}
     for c in classes:  # a class folder linked to another would be the same photos under two names
