@@ -60,7 +60,7 @@ def canonical_form(body: bytes, content_type: bytes, path: str, query: dict[str,
         field = p[b"name"].decode("utf-8", "replace")
         if field not in fields:
             raise FormError(f"unknown field {field[:40]!r}: this endpoint takes " + ", ".join(f"'{f}'" for f in fields)
-                            + ("" if photos or field.lower() not in ("file", "photo", "img", "upload") else f"; {hint}"))
+                            + ("" if photos or b"filename" not in p else f"; {hint}"))
         if fields[field]:
             if b"filename" not in p:
                 raise FormError(f"the field '{field}' holds text, not a file; send the photo as a file "
