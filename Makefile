@@ -57,27 +57,27 @@ test: install-test
 
 # Speed: each script prints its table and rewrites its section of docs/benchmarks.md.
 bench: install model
-	$(BIN)/python bench/model_bench.py
-	$(BIN)/python bench/pipeline_bench.py
-	$(BIN)/python bench/http_bench.py
-	$(BIN)/python bench/train_build_bench.py
-	$(BIN)/python bench/fairness.py
+	$(BIN)/python bench/serving/model_bench.py
+	$(BIN)/python bench/serving/pipeline_bench.py
+	$(BIN)/python bench/serving/http_bench.py
+	$(BIN)/python bench/training/train_build_bench.py
+	$(BIN)/python bench/serving/fairness.py
 
 # 1500 requests, 48 at once, bad inputs mixed in; exits non-zero on any failure or memory growth.
 burst: install model
-	$(BIN)/python bench/burst.py
+	$(BIN)/python bench/serving/burst.py
 
 # The calibration table of README.md (needs ../shared/data; about 3 minutes).
 bench-calibration: install
-	$(BIN)/python bench/calibration.py
+	$(BIN)/python bench/heads/calibration.py
 
 # The "new classes that know the world" table of README.md (needs ../shared/data; about 30 minutes).
 bench-world: install
-	$(BIN)/python bench/world_splits.py --splits 8
+	$(BIN)/python bench/heads/world_splits.py --splits 8
 
 # The --unfreeze-top K table of README.md (needs ../shared/data; about 4 minutes).
 bench-unfreeze: install
-	$(BIN)/python bench/unfreeze_bench.py
+	$(BIN)/python bench/training/unfreeze_bench.py
 
 # The service as a container image (docker, else podman), holding MODEL (default the demo's, built
 # first if the store lacks it): extendserve:cpu from bentofile.cpu.yaml, extendserve:gpu from bentofile.yaml.
@@ -97,6 +97,6 @@ image-deps:
 # The image's own check (CI runs it after make test): builds extendserve:cpu, runs it read-only as a
 # non-root user, classifies over /classify and the Open Inference Protocol, drains on SIGTERM.
 test-image: image install-test
-	$(BIN)/python -m pytest -q tests/image_check.py
+	$(BIN)/python -m pytest -q tests/serving/image_check.py
 
 .PHONY: validate-deploy image image-gpu image-deps test-image install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser

@@ -100,7 +100,7 @@ class Classifier:
         self.model.warm_up((1, 8, S.max_batch))  # grow memory arenas to the largest batch now
         # An in-process batcher, not @bentoml.api(batchable=True): a batchable API takes one argument
         # (BentoML 1.4's batch_infer), so top_k and a batch's many photos would need a second service
-        # and a hop between processes. bench/http_bench.py, 16 clients, 2 cores: 0.82 of the in-process
+        # and a hop between processes. bench/serving/http_bench.py, 16 clients, 2 cores: 0.82 of the in-process
         # rate batching within 4 ms, 0.62 without.
         self.batcher = MicroBatcher(self.model.probabilities, max_batch=S.max_batch, max_wait_ms=S.batch_ms)
         # Photos decoded at once on this worker, whatever the number of requests: a decoded 12 MP

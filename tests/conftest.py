@@ -17,6 +17,12 @@ SHARED = ROOT.parent / "shared" / "data"
 IMAGENET_SAMPLE = SHARED / "imagenet-sample"
 CELEBS = SHARED / "celebs" / "train"
 
+# Tests live in folders by stage, as the package does; a test may use another stage's helpers (the
+# real `bentoml serve` of serving/test_service.py, say), so every stage folder is importable.
+for _stage in sorted(p for p in (ROOT / "tests").iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
+    if str(_stage) not in sys.path:
+        sys.path.insert(0, str(_stage))
+
 needs_shared = pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir() or not CELEBS.is_dir(),
                                   reason="../shared/data is absent (fresh clone)")
 

@@ -21,7 +21,7 @@ threshold (cosine: sim - t; mahalanobis: 1 - d / t, the share of the threshold d
 so the best new class beats every ImageNet class exactly when the gate passes, its softmax score
 grows smoothly with the margin, and the base's own logits are untouched.
 
-Why Mahalanobis by default (``python bench/calibration_splits.py --splits 60 --first-seed 100``,
+Why Mahalanobis by default (``python bench/heads/calibration_splits.py --splits 60 --first-seed 100``,
 4-per-person random splits, none of them the README's fixed split; chosen on seeds 100-129, then
 confirmed on 130-159): 2 people 90.6% of held-out photos right with 0.67% of the ImageNet sample
 stolen, against 88.8% / 0.97% for cosine; 5 people 87.0% / 1.02% against 86.7% / 0.98%. It lets

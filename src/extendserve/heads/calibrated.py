@@ -22,7 +22,7 @@ the background photos (label "none"; their world distance out of fold too), weig
 half, so the scores are calibrated probabilities. Then the offset is lowered, if needed, until at
 most ``max_taken`` of the background photos would be named as a new class, with ``taken_margin``
 logits to spare for photos the background did not show. Why this and not the positives-only gate
-of :mod:`calibrate`: README, "New classes that know the world" (``bench/world_splits.py``).
+of :mod:`calibrate`: README, "New classes that know the world" (``bench/heads/world_splits.py``).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
   other (its leave-one-out similarity to the class's mean, power-transformed centre features, more
   than ``OUTLIER_Z`` robust deviations below the class's median, the deviation floored at
   ``MAD_FLOOR``), and near-copies filed under two classes. Chosen on the shared photos (`python
-  bench/checks_bench.py`): at ``OUTLIER_Z = 5``, ``MAD_FLOOR = 0.04`` the clean folders flag 0
+  bench/heads/checks_bench.py`): at ``OUTLIER_Z = 5``, ``MAD_FLOOR = 0.04`` the clean folders flag 0
   (faces), 1 (hand signs) and 1 (garments) photos, and an ImageNet photo planted in a class is found
   78% (faces), 100% (signs) and 82% (garments) of the time; the ones not found look like the class.
   Flagged photos are left out of training unless the user keeps them (``--keep-suspicious``).

@@ -33,7 +33,7 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
     ``min_side``: the shorter side the caller will resize to. A JPEG at least twice that size is
     decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (Pillow's ``draft``), never below
     ``min_side``: 2.8x faster on 2- and 12-megapixel photos, 0.3-0.6 grey levels mean difference
-    after the resize (``python bench/pipeline_bench.py``). Smaller photos decode exactly as without it.
+    after the resize (``python bench/serving/pipeline_bench.py``). Smaller photos decode exactly as without it.
     Handles EXIF orientation, 16-bit and float greyscale (scaled, not clipped), CMYK, palette and
     alpha (composited on a neutral grey), animations (first frame). The pixel count is checked
     from the header, before any pixel is decoded.

@@ -123,7 +123,7 @@ def _malloc_trim() -> Any:
 
 def give_back_memory() -> None:
     """Return freed heap pages to the system (glibc keeps them otherwise: six concurrent 256-photo
-    batches left a worker +248 to +297 MB for good, bench/batch_memory.py). A no-op without glibc."""
+    batches left a worker +248 to +297 MB for good, bench/serving/batch_memory.py). A no-op without glibc."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

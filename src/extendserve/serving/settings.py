@@ -70,7 +70,7 @@ def cgroup_cpus(root: str = "/sys/fs/cgroup") -> float | None:
 @dataclass(frozen=True)
 class ServiceSettings:
     device: str  # EXTENDSERVE_DEVICE: auto | cuda | cpu
-    workers: int  # one per core, at most 4 (bench/http_bench.py: 0.87-1.00 of the in-process rate)
+    workers: int  # one per core, at most 4 (bench/serving/http_bench.py: 0.87-1.00 of the in-process rate)
     threads: int  # onnxruntime threads per worker: the workers split the cores
     batch_ms: float  # batching window; concurrent photos share model calls
     max_batch: int

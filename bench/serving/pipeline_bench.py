@@ -6,7 +6,7 @@
 - large JPEGs decoded in full vs with Pillow's ``draft`` (libjpeg's DCT scaling), and the cost
   of stacking crops into the batch.
 
-Usage: python bench/pipeline_bench.py [--model models/default]
+Usage: python bench/serving/pipeline_bench.py [--model models/default]
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
 from extendserve.photos.preprocess import decode, prepare, resize_crop  # noqa: E402
 from extendserve.serving.runtime import Model  # noqa: E402
 
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import best_rate, generated, photos, write_section  # noqa: E402
 
 BATCH = 16
@@ -94,7 +98,7 @@ def main() -> None:
     same = sum(np.array_equal(resize_crop(decode(b), cfg), resize_crop(decode(b, min_side=cfg.resize), cfg)) for b in small)
     lines.append(f"\n{len(data) - len(small)} of the {len(data)} benchmark photos are at least twice the resize target "
                  f"and take the draft path; {same} of the other {len(small)} decode bit-identically with it on.")
-    write_section("pipeline", "In-process pipeline: end to end vs its parts", "python bench/pipeline_bench.py",
+    write_section("pipeline", "In-process pipeline: end to end vs its parts", "python bench/serving/pipeline_bench.py",
                   "\n".join(lines))
     print(lines[-1])
 

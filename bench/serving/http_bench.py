@@ -2,7 +2,7 @@
 then the service's knobs (batching window and size, workers) at 16 clients.
 
 In-process reference: decode + resize + crop with Pillow, then model.onnx in batches of 16.
-Usage: python bench/http_bench.py [--model models/default] [--requests 400] [--no-variants]
+Usage: python bench/serving/http_bench.py [--model models/default] [--requests 400] [--no-variants]
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import ROOT, photos, write_section  # noqa: E402
 
 
@@ -125,7 +129,7 @@ def main() -> None:
             lines.append(f"| {label} | {r:.1f} | {r / ref:.2f} | {p50:.0f} | {p99:.0f} |")
             print(lines[-1], flush=True)
     print("\n".join(lines))
-    write_section("http", "HTTP service vs the same work in one process", "python bench/http_bench.py",
+    write_section("http", "HTTP service vs the same work in one process", "python bench/serving/http_bench.py",
                   "\n".join(lines))
 
 

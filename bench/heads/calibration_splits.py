@@ -4,7 +4,7 @@ Works on cached features with the project's own training and scoring code (the s
 ONNX graph computes; export parity is tested separately). Per split: 4 held-out photos per
 person; all 200 ImageNet sample photos for the stolen share. Besides each gate it reports the
 ranker alone, told the photo is one of the people: the ceiling a gate can only lose from.
-Usage: python bench/calibration_splits.py [--splits 30] [--first-seed 100] [--people 5 2]
+Usage: python bench/heads/calibration_splits.py [--splits 30] [--first-seed 100] [--people 5 2]
        [--gates mahalanobis cosine] [--out docs/calibration_splits.md]
 """
 
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys as _sys  # noqa: E402
 import time
 from pathlib import Path
+from pathlib import Path as _Path  # noqa: E402
 
 import numpy as np
 
@@ -22,6 +24,7 @@ from extendserve.bases.pretrained import load_backbone
 from extendserve.training.features import FeatureExtractor, scan_folder
 from extendserve.training.train import TrainSettings, fit, score_features
 
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +77,7 @@ def main() -> None:
     table = "\n".join(lines)
     Path(a.out).write_text(
         "# The gated head over random splits\n\n"
-        f"Command: `python bench/calibration_splits.py --splits {a.splits} --first-seed {a.first_seed}` "
+        f"Command: `python bench/heads/calibration_splits.py --splits {a.splits} --first-seed {a.first_seed}` "
         f"(needs ../shared/data).\n{machine()}\n\n"
         f"Seeds {seeds.start}-{seeds.stop - 1}, 4 held-out photos per person each; stolen over all 200 ImageNet "
         "sample photos. 'Held-out right' is top-1 among all 1000 + N outputs.\n\n" + table + "\n")

@@ -6,7 +6,7 @@
   optimisation, a saved optimised model) and, where CUDA is present, fp32 with IO binding.
 
 The new head is a 5-class gated head with random values: speed does not depend on the values.
-Usage: python bench/model_bench.py [--repeats 3]
+Usage: python bench/serving/model_bench.py [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
 from extendserve.bases.base import builtin_base  # noqa: E402
 from extendserve.bases.onnx_export import export_module  # noqa: E402
 from extendserve.bases.pretrained import load_backbone  # noqa: E402
@@ -31,6 +34,7 @@ from extendserve.building.merge import merged_model, wire  # noqa: E402
 from extendserve.heads.head import Head  # noqa: E402
 from extendserve.sessions import make_session  # noqa: E402
 
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import best_rate, torch_merged, write_section  # noqa: E402
 
 
@@ -172,7 +176,7 @@ def main() -> None:
     lines += ["", "### GPU", ""]
     lines += gpu_rows(graphs["merged"], merged, size, a.repeats)
     print("\n".join(lines))
-    write_section("model", "Model alone", "python bench/model_bench.py", "\n".join(lines))
+    write_section("model", "Model alone", "python bench/serving/model_bench.py", "\n".join(lines))
 
 
 def side_rate(side: str) -> float:

@@ -1,6 +1,6 @@
 """Do the head's own checks tell the truth? Strangers, suspicious photos, one wrong photo.
 
-    python bench/checks_bench.py [--seeds 3]
+    python bench/heads/checks_bench.py [--seeds 3]
 
 1. Strangers: each of the five shared celebrities left out in turn; a head trained on the other four
    reports ``strangers_named`` (leaving each of its classes out in turn); the left-out person's photos
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys as _sys  # noqa: E402
 import tempfile
 from pathlib import Path
+from pathlib import Path as _Path  # noqa: E402
 
 import numpy as np
 
@@ -26,6 +28,7 @@ from extendserve.bases.world import background_for  # noqa: E402
 from extendserve.training.features import FeatureExtractor, scan_folder  # noqa: E402
 from extendserve.training.train import TrainSettings, score_features, train_head  # noqa: E402
 
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import SAMPLE, SHARED, write_section
 
 CELEBS = SHARED / "celebs" / "train"
@@ -110,8 +113,8 @@ def main() -> None:
             "photos are the training split, so the left-out person's photos stand in for strangers.\n\n"
             f"### Suspicious photos on clean folders\n\n{flagged(base, fx)}\n\n"
             f"### One wrong photo: a tench among Ben Afflek's photos\n\n{wrong_photo(base, fx, world, a.seeds)}\n")
-    write_section("checks", "The head's checks: strangers, suspicious photos", f"python bench/checks_bench.py --seeds {a.seeds}",
-                  body)
+    write_section("checks", "The head's checks: strangers, suspicious photos",
+                  f"python bench/heads/checks_bench.py --seeds {a.seeds}", body)
 
 
 if __name__ == "__main__":

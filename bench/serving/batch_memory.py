@@ -4,7 +4,7 @@ One worker serves a model folder; one batch warms it up, then six batches are se
 64 2000x1500 PNGs each (9 MB each once decoded, a few KB as files), or with --imagenet 256 photos
 of ../shared/data/imagenet-sample each (the issue's case). Prints the worker's resident memory
 before and two seconds after. Usage:
-python bench/batch_memory.py MODEL_DIR [--runs 2] [--imagenet]
+python bench/serving/batch_memory.py MODEL_DIR [--runs 2] [--imagenet]
 """
 
 from __future__ import annotations

@@ -9,15 +9,17 @@ unseen photos of other kinds. The probe is a logistic regression (C = 1) on the 
 centre crops among the new classes only, told that the photo is one of them. ECE: top-1 score
 over held-out known photos, strangers (right when not named as a known person) and unseen
 ImageNet photos, 10 bins. Works on cached features with the project's own fit and scoring.
-Usage: python bench/world_splits.py [--splits 10] [--methods calibrated gated] [--out docs/world_splits.md]
+Usage: python bench/heads/world_splits.py [--splits 10] [--methods calibrated gated] [--out docs/world_splits.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys as _sys  # noqa: E402
 import time
 from pathlib import Path
+from pathlib import Path as _Path  # noqa: E402
 
 import numpy as np
 import torch
@@ -30,6 +32,7 @@ from extendserve.heads.calibrated import fit_ranker
 from extendserve.training.features import FeatureExtractor, scan_folder
 from extendserve.training.train import TrainSettings, fit, score_features
 
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import SAMPLE, SHARED, machine
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +167,7 @@ def main() -> None:
     table = "\n".join(lines)
     Path(a.out).write_text(
         "# New classes against the world, over random splits\n\n"
-        f"Command: `python bench/world_splits.py --splits {a.splits} --methods {' '.join(a.methods)}` "
+        f"Command: `python bench/heads/world_splits.py --splits {a.splits} --methods {' '.join(a.methods)}` "
         f"(needs ../shared/data; {time.time() - t0:.0f} s).\n{machine()}\n\n"
         + (__doc__ or "").split("Usage:")[0].strip() + "\n\n" + table + "\n")
     print(table)

@@ -2,7 +2,7 @@
 mixed in. No good request may fail, every bad one must be a 4xx with a JSON ``error``, and the
 service's memory (all its processes) must stay flat. Exits non-zero if any of that breaks.
 
-Usage: python bench/burst.py [--model models/default] [--requests 1500] [--concurrency 48]
+Usage: python bench/serving/burst.py [--model models/default] [--requests 1500] [--concurrency 48]
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
 from http_bench import serving  # noqa: E402
 
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import photos, write_section  # noqa: E402
 
 
@@ -105,8 +109,8 @@ def main() -> None:
     if good_fail or bad_wrong:
         lines.append(f"- first failures: {(good_fail + bad_wrong)[:3]}")
     print("\n".join(lines))
-    write_section("burst", "Burst: 1500 requests, 48 at once, bad inputs mixed in", "python bench/burst.py (or make burst)",
-                  "\n".join(lines))
+    write_section("burst", "Burst: 1500 requests, 48 at once, bad inputs mixed in",
+                  "python bench/serving/burst.py (or make burst)", "\n".join(lines))
     sys.exit(0 if ok else 1)
 
 

@@ -1,6 +1,6 @@
 """The images, as a cluster runs them: size, time from `run` to ready, and the first answers.
 
-    python bench/container_bench.py [--runs 3] [--image extendserve:cpu]
+    python bench/serving/container_bench.py [--runs 3] [--image extendserve:cpu]
 
 Runs the image read-only with a tmpfs /tmp, as the non-root user it declares, with host networking
 (docker where a Docker engine answers, else podman with deploy/podman/containers.conf), waits for
@@ -17,10 +17,13 @@ import shutil
 import socket
 import statistics
 import subprocess
+import sys as _sys  # noqa: E402
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path as _Path  # noqa: E402
 
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import ROOT, SAMPLE, write_section
 
 
@@ -92,7 +95,7 @@ def main() -> None:
             "then, median (ms) | tench named |\n|---|---|---|---|---|---|\n" + "\n".join(rows) +
             f"\n\n{a.runs} runs each with {eng}, `--read-only --tmpfs /tmp --network host`, on the CPU (no GPU here: "
             "the GPU image serves on the CPU as it does on a machine without one).")
-    write_section("container", "Container images", f"python bench/container_bench.py --runs {a.runs}", body)
+    write_section("container", "Container images", f"python bench/serving/container_bench.py --runs {a.runs}", body)
 
 
 if __name__ == "__main__":

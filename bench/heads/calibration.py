@@ -7,7 +7,7 @@ Real pipeline end to end (train-head -> build -> eval on model.onnx) on the shar
   (``--negatives``), odd photos are never trained on; every row is scored on the odd 100, rows
   without negatives on all 200 as well.
 
-Usage: python bench/calibration.py [--shared ../shared/data] [--out docs/calibration.md]
+Usage: python bench/heads/calibration.py [--shared ../shared/data] [--out docs/calibration.md]
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def main() -> None:
     print(table)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# Calibration, measured\n\nCommand: `python bench/calibration.py` (needs ../shared/data).\n"
+    out.write_text("# Calibration, measured\n\nCommand: `python bench/heads/calibration.py` (needs ../shared/data).\n"
                    f"Machine: {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}.\n\n{table}\n")
 
 

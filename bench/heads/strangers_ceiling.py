@@ -6,7 +6,7 @@ scores: the nearest training photo (cosine), the logistic ranker's top probabili
 class mean (shrunk shared covariance, Mahalanobis) and that distance relative to the four people's
 pooled mean. For each: AUROC (known vs stranger) and, with the threshold an oracle would pick so
 that at most 35% of strangers pass, the share of known photos that pass *and* are named right.
-Usage: python bench/strangers_ceiling.py [--splits 10]
+Usage: python bench/heads/strangers_ceiling.py [--splits 10]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
     auc: dict[str, list[float]] = {k: [] for k in names}
     acc: dict[str, list[float]] = {k: [] for k in names}
     for seed in range(a.splits):
-        rng = np.random.default_rng(1000 + seed)  # the splits of bench/world_splits.py
+        rng = np.random.default_rng(1000 + seed)  # the splits of bench/heads/world_splits.py
         held = np.concatenate([rng.permutation(np.flatnonzero(y == c))[: max(2, round(0.2 * (y == c).sum()))]
                                for c in range(n)])
         train = np.setdiff1d(np.arange(len(y)), held)

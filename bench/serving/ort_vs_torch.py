@@ -1,6 +1,6 @@
 """The feature graph (uint8 pixels -> 1280 features) in onnxruntime vs torch eager, side by side.
 
-Usage: python bench/ort_vs_torch.py [--batch 32] [--repeats 3]
+Usage: python bench/serving/ort_vs_torch.py [--batch 32] [--repeats 3]
 """
 
 from __future__ import annotations

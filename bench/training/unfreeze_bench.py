@@ -1,9 +1,9 @@
 """What --unfreeze-top K buys and costs, K = 0, 1, 2, on the calibration bench's fixed split.
 
-Shared celebrities, 4 held-out photos per person (seed 0, as bench/calibration.py); every row is
+Shared celebrities, 4 held-out photos per person (seed 0, as bench/heads/calibration.py); every row is
 the real CLI: train-head (--holdout 0) -> build -> eval on model.onnx; then the model's size and
 its photos/s at batch 16 (onnxruntime, this machine), measured side by side in one run.
-Usage: python bench/unfreeze_bench.py   (needs ../shared/data)
+Usage: python bench/training/unfreeze_bench.py   (needs ../shared/data)
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/common.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "heads"))  # calibration.py
 from calibration import fixed_split, link_tree, run  # noqa: E402
-
 from common import SHARED, best_rate, write_section  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def main() -> None:
                      f"{sp / speeds[0]:.2f} | {secs:.0f} |")
     print("\n".join(lines))
     write_section("unfreeze", "Partial unfreezing: --unfreeze-top K on the shared celebrities",
-                  "python bench/unfreeze_bench.py", "Fixed split: 4 held-out photos per person (seed 0); "
+                  "python bench/training/unfreeze_bench.py", "Fixed split: 4 held-out photos per person (seed 0); "
                   "default settings otherwise.\n\n" + "\n".join(lines))
 
 

@@ -3,7 +3,7 @@
 Cold: an empty feature cache (every photo decoded, 12 views run through the backbone, and the
 feature graph exported once). Warm: the same photos again (cache hits by file content).
 Photos: ../shared/data/celebs/train when present, else 2 classes of 20 generated photos.
-Usage: python bench/train_build_bench.py
+Usage: python bench/training/train_build_bench.py
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import SHARED, generated, write_section  # noqa: E402
 
 
@@ -47,7 +51,7 @@ def main() -> None:
     lines = [f"Photos: {what}; default settings (held-out check + final head).", "",
              "| command | wall seconds |", "| --- | --- |"] + [f"| {n} | {s:.1f} |" for n, s in rows]
     print("\n".join(lines))
-    write_section("train-build", "train-head and build times", "python bench/train_build_bench.py", "\n".join(lines))
+    write_section("train-build", "train-head and build times", "python bench/training/train_build_bench.py", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 requests while one /classify_batch of N photos is being served, side by side with the same
 singles on an idle service, in one run.
 
-Usage: python bench/fairness.py [--model models/default] [--photos 1000] [--singles 30]
+Usage: python bench/serving/fairness.py [--model models/default] [--photos 1000] [--singles 30]
        [--service-root DIR]   # serve another checkout's service (to compare with an older one)
 """
 
@@ -19,8 +19,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
 from http_bench import post, serving  # noqa: E402
 
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import ROOT, photos, write_section  # noqa: E402
 
 
@@ -86,7 +90,7 @@ def main() -> None:
     print(body)
     if not a.no_write:
         write_section("fairness", "One big batch and single requests",
-                      f"python bench/fairness.py --photos {a.photos} --singles {a.singles}", body)
+                      f"python bench/serving/fairness.py --photos {a.photos} --singles {a.singles}", body)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ a distinct photo), then, each in a fresh process as a user runs it:
 - ``extendserve build``; then the merged model's throughput against the plain base model at batch
   16, both onnxruntime CPU sessions, measured alternately in one process.
 
-Usage: python bench/scale_bench.py [--cases 10x100,100x1000,1000x1000,16x3249,1000x5000] [--keep DIR]
+Usage: python bench/heads/scale_bench.py [--cases 10x100,100x1000,1000x1000,16x3249,1000x5000] [--keep DIR]
 Without ../shared the photos are generated scenes (the figures then say so).
 """
 
@@ -30,6 +30,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+_sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import ROOT, SHARED, generated, write_section  # noqa: E402
 
 DEFAULT_CASES = "10x100,100x1000,1000x1000,16x3249,10x5000"
@@ -175,7 +179,7 @@ def main() -> None:
         "against the plain base model, batch 16, median of single calls of the two interleaved, in one process.")
     print(body)
     if not a.no_write:
-        write_section("scale", "Scale: classes and photos", f"python bench/scale_bench.py --cases {a.cases}", body)
+        write_section("scale", "Scale: classes and photos", f"python bench/heads/scale_bench.py --cases {a.cases}", body)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -1,6 +1,6 @@
 """Scale: distances as matrix products (no photos x classes x features arrays), a head graph whose
 size does not grow with its classes, and the CPU engine chosen by measurement with the same
-decisions. Speed and memory figures are in bench/scale_bench.py, not asserted here."""
+decisions. Speed and memory figures are in bench/heads/scale_bench.py, not asserted here."""
 
 from __future__ import annotations
 
