@@ -34,7 +34,7 @@ from extendserve.serving.settings import ServiceSettings
 
 from .edge import ClientError, HttpEdge, answers_client_errors
 from .schema import Classification, Info, MinScore, TopK, info_payload, with_description
-from .v2 import router as v2_router
+from .v2 import attach as attach_v2
 
 log = logging.getLogger("extendserve")
 
@@ -69,7 +69,7 @@ async def info() -> dict[str, Any]:
     return bentoml.get_current_service().info_payload()
 
 
-pages.include_router(v2_router)
+attach_v2(pages)  # the Open Inference Protocol (KServe v2) under /v2
 
 
 @pages.get("/ui", response_class=FileResponse, responses={200: {"content": {"text/html": {}}}})

@@ -69,10 +69,7 @@ async def ready() -> Any:
 @router.get("/models/{name}", response_model=None)
 @router.get("/models/{name}/versions/{version}", response_model=None)
 async def metadata(name: str, version: str | None = None) -> Any:
-    try:
-        svc = _model(name)
-    except ProtocolError as e:
-        return _error(e.status, e.message)
+    svc = _model(name)
     crop, classes = svc.model.preprocess.crop, len(svc.model.labels)
     return model_metadata(svc.v2_name, svc.v2_version, crop, classes)
 
@@ -80,10 +77,7 @@ async def metadata(name: str, version: str | None = None) -> Any:
 @router.get("/models/{name}/ready", response_model=None)
 @router.get("/models/{name}/versions/{version}/ready", response_model=None)
 async def model_ready(name: str, version: str | None = None) -> Any:
-    try:
-        svc = _model(name)
-    except ProtocolError as e:
-        return _error(e.status, e.message)
+    svc = _model(name)
     return {"name": name, "ready": True} if svc.__is_ready__() else _error(503, "not ready: still warming up")
 
 
@@ -91,13 +85,21 @@ async def model_ready(name: str, version: str | None = None) -> Any:
 @router.post("/models/{name}/versions/{version}/infer", response_model=None)
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """Photos (BYTES ``image``) or pixels (UINT8 ``pixels``) -> ``scores`` and ``logits``."""
-    try:
-        svc = _model(name)
-        body = await request.body()
-        req = parse_infer(body, request.headers.get(HEADER_LENGTH), svc.model.preprocess.crop,
-                          len(svc.model.labels), svc.settings.max_batch_photos)
-        tensors = await run(svc, req)
-    except ProtocolError as e:
-        return _error(e.status, e.message)
+    svc = _model(name)
+    req = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), svc.model.preprocess.crop,
+                      len(svc.model.labels), svc.settings.max_batch_photos)
+    tensors = await run(svc, req)
     data, headers = encode_response(svc.v2_name, svc.v2_version, req.id, tensors)
     return Response(data, headers=headers)
+
+
+def attach(app: Any) -> None:
+    """The protocol's routes on ``app``, a ProtocolError raised anywhere in them answered as the
+    protocol says: its status and ``{"error": message}``."""
+    app.include_router(router)
+
+    async def answer(_: Request, e: Exception) -> JSONResponse:
+        assert isinstance(e, ProtocolError)
+        return _error(e.status, e.message)
+
+    app.add_exception_handler(ProtocolError, answer)

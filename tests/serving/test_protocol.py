@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import jpeg_bytes, synthetic_photo
-from test_service import Server
+from test_service import Server, raw_post
 
 tritonclient = pytest.importorskip("tritonclient.http")
 
@@ -41,13 +41,7 @@ def get(server, path):
 
 
 def post_json(server, path, payload):
-    req = urllib.request.Request(server.url + path, data=json.dumps(payload).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+    return raw_post(server, json.dumps(payload).encode(), "application/json", path)
 
 
 def test_health_and_metadata(server, built_model):

@@ -378,6 +378,7 @@ def test_top_k_must_be_digits(server):
     for bad in ("1e3", "true", "5.0", "-1", "five"):
         status, body = server.post("/classify", [("image", disc(), "x.jpg"), ("top_k", bad, None)])
         assert status == 400 and "top_k" in json.dumps(body), (bad, status, body)
+        assert "from 1" in body["error"]  # the range is said
 
 
 def test_content_length_over_limit_refused_before_reading(server):
@@ -388,7 +389,7 @@ def test_content_length_over_limit_refused_before_reading(server):
         sock.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
                      b"Content-Length: 1000000000\r\n\r\n")
         reply = read_reply(sock)
-    assert reply.startswith("HTTP/1.1 413") and "upload limit" in reply
+    assert reply.startswith("HTTP/1.1 413") and "upload limit" in reply and "EXTENDSERVE_MAX_UPLOAD_MB" in reply
 
 
 def test_slow_uploads_do_not_lock_others_out(server):
@@ -608,6 +609,8 @@ def test_malformed_forms_are_400_naming_the_field(server, path, fields, words):
     fields = [(n, disc() if v == "PHOTO" else v, f) for n, v, f in fields]
     status, body = server.post(path, fields)
     assert status == 400 and words in body["error"], body
+    if any(n == "image" for n, _, _ in fields):  # the photo was sent: not told to send it
+        assert "send the photo" not in body["error"]
     time.sleep(0.2)
     logs = server.logs()
     assert "Traceback" not in logs and "UnicodeDecodeError" not in logs and f"400: {path}" in logs
