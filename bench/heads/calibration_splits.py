@@ -27,7 +27,7 @@ from extendserve.training.train import TrainSettings, fit, score_features
 _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import machine
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 
 

@@ -35,7 +35,7 @@ from extendserve.training.train import TrainSettings, fit, score_features
 _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
 from common import SAMPLE, SHARED, machine
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KINDS = {"dogs": [(151, 268)], "birds": [(7, 24), (80, 100), (127, 146)], "reptiles": [(25, 68)],
          "food": [(924, 969)], "fish+invertebrates": [(0, 6), (69, 79), (107, 126), (300, 326)]}
 

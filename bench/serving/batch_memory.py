@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))  # conftest.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "serving"))  # test_service.py
 from test_service import Server  # noqa: E402  (the tests' own `bentoml serve` wrapper)
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     ap.add_argument("--imagenet", action="store_true")
     a = ap.parse_args()
     if a.imagenet:
-        sample = sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample").glob("*.JPEG"))
+        sample = sorted((Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample").glob("*.JPEG"))
         batch = [("images", sample[i % len(sample)].read_bytes(), f"{i}.jpg") for i in range(256)]
     else:
         batch = [("images", p, f"{i}.png") for i, p in enumerate(photos())]
