@@ -155,7 +155,7 @@ def _peak_growth_mb(code: str, data: bytes, tmp_path) -> float:
 
     (tmp_path / "photo.bin").write_bytes(data)
     prog = ("import resource, sys; from extendserve.photos.preprocess import decode; "
-            f"data = open({str(tmp_path / 'photo.bin')!r}, 'rb').read(); decode(b'\\xff', 'warm') if False else None; "
+            f"data = open({str(tmp_path / 'photo.bin')!r}, 'rb').read(); "
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; " + code +
             "; print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)")
     out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, check=True)

@@ -140,11 +140,11 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         names = [_shown(ds.files[i], a.data) for i in ok]
         head, report = train_head(base, feats, labels, ds.classes, settings, negatives=neg, background=world, names=names)
     head.name = a.name or out.stem
+    suspicious = [{k: v for k, v in x.items() if k != "index"} for x in report.suspicious]  # rows mean nothing later
+    checks = report.checks | {"suspicious": suspicious, "left_out": report.left_out}
     head.settings.update({"data": str(a.data), "photos": int(len(labels)), "skipped": len(skipped),
                           "negatives": None if neg is None else int(len(neg)), **weights_settings(a),
-                          "base_model": base.describe() | base.identity(),
-                          "heldout": report.heldout, "checks": report.checks | {"suspicious": report.suspicious,
-                                                                                "left_out": report.left_out},
+                          "base_model": base.describe() | base.identity(), "heldout": report.heldout, "checks": checks,
                           "trained_on": photo_digests([ds.files[i] for i in ok])})
     head.save(out)
     _print_report(report, len(base.labels) + len(ds.classes), a.seed)

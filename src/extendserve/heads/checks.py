@@ -34,7 +34,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def suspicious(centre: np.ndarray, labels: np.ndarray, classes: list[str], names: list[str],
                base_probs: np.ndarray, base_labels: list[str]) -> list[dict[str, Any]]:
-    """The photos (by file name) that look out of place, each with its reason."""
+    """The photos that look out of place (their row, file name and class), each with its reason."""
     x = _unit(np.sqrt(np.maximum(centre, 0)))
     found: dict[int, str] = {}
     cents = np.stack([_unit(x[labels == c].sum(0)) if (labels == c).any() else np.zeros(x.shape[1])
@@ -69,7 +69,7 @@ def suspicious(centre: np.ndarray, labels: np.ndarray, classes: list[str], names
     for i, j in zip(a, b):
         for p, q in ((i, j), (j, i)):
             found.setdefault(int(p), f"a near-copy of {names[q]} in '{classes[labels[q]]}'")
-    return [{"file": names[i], "class": classes[labels[i]], "why": why} for i, why in sorted(found.items())]
+    return [{"index": i, "file": names[i], "class": classes[labels[i]], "why": why} for i, why in sorted(found.items())]
 
 
 def strangers_named(fit_without: Callable[[int], Any], score: Callable[[Any, np.ndarray], np.ndarray],

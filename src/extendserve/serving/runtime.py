@@ -1,7 +1,5 @@
-"""Running a built model with onnxruntime: sessions, devices, predictions. No torch here.
-
-onnxruntime-gpu lists ``CUDAExecutionProvider`` even where CUDA cannot load and then quietly
-runs on the CPU, so the providers a session *really* uses are read back and reported.
+"""Running a built model: its checked files, the engine that runs it (onnxruntime on CUDA or the
+CPU, or OpenVINO), predictions. No torch here. Sessions are made in :mod:`extendserve.sessions`.
 """
 
 from __future__ import annotations

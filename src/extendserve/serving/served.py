@@ -26,7 +26,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from ..building.manifest import read_model_dir
+from ..building.manifest import Manifest, read_model_dir
 from ..config import cache_root
 from ..errors import ExtendserveError
 
@@ -82,16 +82,16 @@ def served_model_dir(directory: str | os.PathLike[str]) -> Path:
     """The pinned copy for this service: made by the first process to ask (the main process),
     inherited by every worker through the environment with the sha256 it must have."""
     pinned = os.environ.get(PIN_ENV)
-    if pinned:
+    if pinned:  # a worker: the manifest's sha256 here, model.onnx's bytes against it when the model loads
         want = os.environ.get(PIN_SHA_ENV)
-        manifest, _ = read_model_dir(pinned)
-        if want and manifest.model_sha256 != want:
+        got = Manifest.read(Path(pinned) / "manifest.json").model_sha256
+        if want and got != want:
             raise ExtendserveError(f"{pinned}: the model changed since the service started (sha256 "
-                                   f"{manifest.model_sha256[:12]}, started with {want[:12]}); restart the service")
+                                   f"{got[:12]}, started with {want[:12]}); restart the service")
         return Path(pinned)
-    path = pin_model(directory)
+    path = pin_model(directory)  # read and checked there, once
     os.environ[PIN_ENV] = str(path)
-    os.environ[PIN_SHA_ENV] = read_model_dir(path)[0].model_sha256
+    os.environ[PIN_SHA_ENV] = Manifest.read(path / "manifest.json").model_sha256
     return path
 
 

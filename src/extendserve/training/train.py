@@ -145,7 +145,7 @@ def _set_aside_suspicious(base: Base, feats: np.ndarray, labels: np.ndarray, cla
     report.suspicious = suspicious(centre, labels, classes, names, p / p.sum(1, keepdims=True), base.labels)
     if not report.suspicious or s.keep_suspicious:
         return feats, labels
-    out = {names.index(x["file"]) for x in report.suspicious}
+    out = {x["index"] for x in report.suspicious}
     keep = np.array([i not in out for i in range(len(labels))])
     if any(not (labels[keep] == c).any() for c in range(len(classes))):
         return feats, labels  # never leave a class empty: keep them, the warning says why
