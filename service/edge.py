@@ -2,12 +2,17 @@
 
 Every POST body is read here, whole, before it counts as work: under its size limit (a
 Content-Length over it is answered 413 before a byte is read, a chunked body is cut off where it
-passes it) and at a minimum rate (a body that trickles in is answered 408 and counts for nothing).
-Only then is the request admitted, up to a number of requests in progress per worker (429 past
-it). BentoML's own concurrency limit sits outside user middleware and so counted connections that
-were still uploading: with 300 connections sending a byte now and then, every other client got 429.
-A raw image body to /classify is answered here, and a malformed multipart form gets a 400 that
-names the field expected. No torch here.
+passes it), at a minimum rate (a body that trickles in is answered 408 and counts for nothing) and
+within the worker's memory budget (every byte taken from it before it is held, given back when the
+request is answered: 503 with Retry-After past it). Only then is the request admitted, up to a
+number of requests in progress per worker (429 past it). BentoML's own concurrency limit sits outside
+user middleware and so counted connections that were still uploading: with 300 connections sending
+a byte now and then, every other client got 429.
+
+/classify and /classify_batch are answered here, a raw photo body or a multipart form alike, parsed
+once (forms.parse_form): BentoML's own path for them read each photo again, spooled it to /tmp and
+copied it twice more in its validators (bench/serving/peers.py). The /v2 routes and the pages go on
+to BentoML's app with the body already read. No torch here.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 import functools
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -23,7 +29,10 @@ from typing import Any, TypeVar
 import bentoml
 from starlette.responses import JSONResponse, Response
 
-from .forms import CHECK, FORM_FIELDS, boundary_of, canonical_form
+from extendserve.serving.budget import Held, MemoryBudget, OverBudget
+from extendserve.serving.served import give_back_memory
+
+from .forms import CHECK, FORM_FIELDS, parse_form
 
 log = logging.getLogger("extendserve")
 T = TypeVar("T")
@@ -31,9 +40,13 @@ T = TypeVar("T")
 
 
 def error(status: int, message: str, close: bool = False) -> JSONResponse:
-    """A client's mistake: answered with the fix, logged at WARNING in one line (no traceback)."""
+    """A client's mistake (or a busy worker's 503): answered with the fix, logged at WARNING in one
+    line (no traceback)."""
     log.warning("%d: %s", status, message)
-    return JSONResponse({"error": message}, status_code=status, headers={"connection": "close"} if close else None)
+    headers = {"connection": "close"} if close else {}
+    if status == 503:
+        headers["retry-after"] = "1"
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
 class ClientError(Exception):
@@ -73,24 +86,25 @@ class _Slow(Exception):
     pass
 
 
-class _Busy(Exception):
-    pass
-
-
 class _Gone(Exception):
     pass
 
 
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+TRIM_AFTER = 8 * 2**20  # a request that held this much gives its heap pages back when the worker is idle
+
+
 class HttpEdge:
-    """ASGI middleware: size, rate and admission limits on request bodies (see the module)."""
+    """ASGI middleware: size, rate, memory and admission limits on request bodies, and /classify
+    answered (see the module)."""
 
     def __init__(self, app: Any, limit: int, batch_limit: int, min_rate: float, grace: float,
-                 admitted: int, max_parts: int = 257, buffered: int = 384 * 2**20) -> None:
+                 admitted: int, budget: MemoryBudget, max_parts: int = 257) -> None:
         self.app, self.limit, self.batch_limit = app, limit, batch_limit
         self.min_rate, self.grace = min_rate, grace
         self.slots = asyncio.Semaphore(admitted)
         self.admitted, self.max_parts = admitted, max_parts
-        self.budget, self.held = buffered, 0  # bytes of bodies still arriving, all uploads of this worker together
+        self.budget = budget
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") != "POST":
@@ -99,96 +113,103 @@ class HttpEdge:
         limit = self.batch_limit if path.endswith("_batch") or path.endswith("/infer") else self.limit
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
+        if length is not None and _DIGITS.fullmatch(length) and int(length) > limit:
             return await self._too_large(send, int(length), limit)
+        with Held(self.budget) as held:
+            try:
+                await self._answer(scope, receive, send, path, limit, headers, held)
+            finally:
+                if held.bytes >= TRIM_AFTER and self.budget.held == held.bytes:  # the last one out
+                    held.give(held.bytes)
+                    await asyncio.to_thread(give_back_memory)
+
+    async def _answer(self, scope: Any, receive: Any, send: Any, path: str, limit: int, headers: dict[bytes, bytes],
+                      held: Held) -> None:
         try:
-            body = await self._read_body(receive, limit)
+            body = await self._read_body(receive, limit, held)
         except _Slow as e:
             return await error(408, str(e), close=True)(scope, receive, send)
-        except _Busy as e:
-            return await error(503, str(e), close=True)(scope, receive, send)
+        except OverBudget as e:
+            return await error(503, e.message, close=True)(scope, receive, send)
         except _Gone:
             return None  # the client went away mid-body: nothing of it goes further
         if body is None:
             return await self._too_large(send, limit + 1, limit)
-        ctype = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        ctype_full = headers.get(b"content-type", b"")
+        ctype = ctype_full.split(b";")[0].strip().lower()
         # A photo as the body: image/*, octet-stream, or no Content-Type at all (not pydantic's
         # "1 validation error for Input")
         raw = path == "/classify" and (ctype.startswith(b"image/") or ctype in (b"application/octet-stream", b""))
-        if path in FORM_FIELDS and not raw and ctype != b"multipart/form-data":
-            field = "image" if path == "/classify" else "images"
-            also = " or the photo as the body (Content-Type: image/jpeg)" if path == "/classify" else ""
-            return await error(400, f"{path}: Content-Type {ctype.decode('latin-1') or 'none'} is not a photo upload; "
-                                    f"send multipart/form-data with the field '{field}' (curl -F {field}=@photo.jpg)"
-                                    f"{also}")(scope, receive, send)
-        if ctype == b"multipart/form-data" and path in FORM_FIELDS:
-            ctype_full = headers.get(b"content-type", b"")
+        form = None
+        if path in FORM_FIELDS and not raw:
+            if ctype != b"multipart/form-data":
+                field = "image" if path == "/classify" else "images"
+                also = " or the photo as the body (Content-Type: image/jpeg)" if path == "/classify" else ""
+                return await error(400, f"{path}: Content-Type {ctype.decode('latin-1')[:60] or 'none'} is not a photo "
+                                        f"upload; send multipart/form-data with the field '{field}' (curl -F "
+                                        f"{field}=@photo.jpg){also}")(scope, receive, send)
             try:
-                body = canonical_form(body, ctype_full, path, query_fields(scope), self.max_parts)
+                form = parse_form(body, ctype_full, path, query_fields(scope), self.max_parts)
             except ValueError as e:
                 return await error(400, f"{path}: {e}")(scope, receive, send)
-            hs = [(n, v) for n, v in scope.get("headers") or [] if n.lower() not in (b"content-length", b"content-type")]
-            scope = scope | {"headers": hs + [(b"content-length", str(len(body)).encode()),
-                                              (b"content-type", b"multipart/form-data; boundary=" + boundary_of(ctype_full))]}
         if self.slots.locked():
             return await error(429, f"{self.admitted} requests are in progress on this worker; retry shortly")(
                 scope, receive, send)
         async with self.slots:
             if raw:
-                return await self._raw_image(scope, body, receive, send)
+                return await self._photos(scope, receive, send, path, [body], query_fields(scope))
+            if form is not None:
+                return await self._photos(scope, receive, send, path, *form)
             await self.app(scope, _replay(body, receive), send)
 
-    async def _read_body(self, receive: Any, limit: int) -> bytes | None:
-        """The whole body, or None past ``limit``. _Slow when it arrives under the minimum rate (after
-        a grace period: the client must have sent (t - grace) * min_rate bytes by time t) or when no
-        byte comes for ``grace`` seconds (a client that sent 100 MB at once and then nothing once held
-        its memory for hours); _Busy when this worker already holds its budget of bytes of bodies
-        still arriving; _Gone when the client disconnects (its partial body is dropped)."""
+    async def _read_body(self, receive: Any, limit: int, held: Held) -> bytes | None:
+        """The whole body, or None past ``limit``; each chunk taken from the worker's budget before it
+        is kept (OverBudget past it). _Slow when it arrives under the minimum rate (after a grace
+        period: the client must have sent (t - grace) * min_rate bytes by time t) or when no byte comes
+        for ``grace`` seconds (a client that sent 100 MB at once and then nothing once held its memory
+        for hours); _Gone when the client disconnects (its partial body is dropped)."""
         chunks, seen, t0 = [], 0, time.monotonic()
-        try:
-            while True:
-                now = time.monotonic()
-                deadline = t0 + self.grace + (seen / self.min_rate if self.min_rate > 0 else 3600.0)
-                deadline = min(deadline, now + self.grace)  # no progress for grace seconds ends it
-                try:
-                    msg = await asyncio.wait_for(receive(), max(0.01, deadline - now))
-                except asyncio.TimeoutError:
-                    took = time.monotonic() - t0
-                    raise _Slow(f"the request body stalled or arrived too slowly ({seen} bytes in {took:.0f} s; "
-                                f"at least {self.min_rate / 1024:.0f} KB/s after the first {self.grace:.0f} s and no "
-                                f"pause over {self.grace:.0f} s, EXTENDSERVE_UPLOAD_GRACE_S); send it again") from None
-                if msg["type"] != "http.request":
-                    raise _Gone()
-                chunk = msg.get("body", b"")
-                if chunk:
-                    if self.held + len(chunk) > self.budget:
-                        raise _Busy(f"this worker holds {self.held / 2**20:.0f} MB of uploads still arriving, its "
-                                    f"limit (EXTENDSERVE_MAX_BUFFERED_MB); retry shortly")
-                    self.held += len(chunk)
-                    chunks.append(chunk)
-                    seen += len(chunk)
-                if seen > limit:
-                    return None
-                if not msg.get("more_body"):
-                    break
-            return b"".join(chunks)
-        finally:
-            self.held -= seen
+        while True:
+            now = time.monotonic()
+            deadline = t0 + self.grace + (seen / self.min_rate if self.min_rate > 0 else 3600.0)
+            deadline = min(deadline, now + self.grace)  # no progress for grace seconds ends it
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.01, deadline - now))
+            except asyncio.TimeoutError:
+                took = time.monotonic() - t0
+                raise _Slow(f"the request body stalled or arrived too slowly ({seen} bytes in {took:.0f} s; "
+                            f"at least {self.min_rate / 1024:.0f} KB/s after the first {self.grace:.0f} s and no "
+                            f"pause over {self.grace:.0f} s, EXTENDSERVE_UPLOAD_GRACE_S); send it again") from None
+            if msg["type"] != "http.request":
+                raise _Gone()
+            chunk = msg.get("body", b"")
+            if chunk:
+                held.take(len(chunk), "this upload")
+                chunks.append(chunk)
+                seen += len(chunk)
+            if seen > limit:
+                return None
+            if not msg.get("more_body"):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-
-    async def _raw_image(self, scope: Any, body: bytes, receive: Any, send: Any) -> None:
-        """``POST /classify`` with the photo as the whole body (``curl --data-binary @photo.jpg -H
-        'Content-Type: image/jpeg'``), ``top_k`` in the query string: what curl users expect and
-        BentoML's multipart-only APIs do not take (bentoml/BentoML#4651, #5215)."""
+    async def _photos(self, scope: Any, receive: Any, send: Any, path: str, photos: list[Any],
+                      fields: dict[str, str]) -> None:
+        """/classify (one photo: a raw body, curl --data-binary @photo.jpg -H 'Content-Type:
+        image/jpeg', what BentoML's multipart-only APIs do not take, bentoml/BentoML#4651, #5215;
+        or a form's) and /classify_batch, answered here."""
         try:
-            q = query_fields(scope)
-            top_k = int(CHECK["top_k"](q.get("top_k", "5")))
-            min_score = float(CHECK["min_score"](q["min_score"])) if "min_score" in q else None
+            top_k = int(CHECK["top_k"](fields.get("top_k", "5")))
+            min_score = float(CHECK["min_score"](fields["min_score"])) if "min_score" in fields else None
         except ValueError as e:
             return await error(400, str(e))(scope, receive, send)
+        svc = bentoml.get_current_service()
         try:
-            out = await bentoml.get_current_service().classify_one(body, top_k, min_score)
-            response: Response = JSONResponse(out.model_dump())
+            if path == "/classify":
+                out: Any = (await svc.classify_many(photos, top_k, min_score))[0].model_dump()
+            else:
+                out = [c.model_dump() for c in await svc.classify_batch_of(photos, top_k, min_score, _gone(receive))]
+            response: Response = JSONResponse(out)
         except ClientError as e:
             response = e.response()
         await response(scope, receive, send)
@@ -210,6 +231,22 @@ def query_fields(scope: Any) -> dict[str, str]:
 
     got = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
     return {k: v[-1] for k, v in got.items() if k in CHECK and v}
+
+
+def _gone(receive: Any) -> Callable[[], Awaitable[bool]]:
+    """Whether the client has gone, once its body has been read (the next message is a disconnect)."""
+    seen = False
+
+    async def gone() -> bool:
+        nonlocal seen
+        if not seen:
+            try:
+                seen = (await asyncio.wait_for(receive(), 0.001))["type"] == "http.disconnect"
+            except asyncio.TimeoutError:
+                pass
+        return seen
+
+    return gone
 
 
 def _replay(body: bytes, receive: Any) -> Any:

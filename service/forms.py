@@ -1,5 +1,6 @@
-"""Multipart forms at the edge: parsed strictly and written out again in one plain shape, so the
-edge and BentoML never disagree about what a body holds (see :func:`canonical_form`). No torch here.
+"""Multipart forms at the edge: parsed strictly, once, and answered there (see :func:`parse_form`);
+BentoML never parses them again, so no second copy of a photo is read, spooled to /tmp or copied
+once more by its validators, and the two parsers can never disagree about what a body holds. No torch here.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ def boundary_of(content_type: bytes) -> bytes | None:
     return params(content_type).get(b"boundary") or None
 
 
-def canonical_form(body: bytes, content_type: bytes, path: str, query: dict[str, str], max_parts: int) -> bytes:
+def parse_form(body: bytes, content_type: bytes, path: str, query: dict[str, str],
+               max_parts: int) -> tuple[list[memoryview], dict[str, str]]:
     """A multipart form, parsed strictly (see :func:`_parts`; a text value in the photo field, which
-    BentoML once took for a URL to download, is refused) and rebuilt in one shape for BentoML: each
-    photo a file part, ``top_k`` (digits) and ``min_score`` (a number 0-1) once each, the URL's
-    ``?top_k=`` / ``?min_score=`` merged in (and refused when they disagree with the form's)."""
+    BentoML once took for a URL to download, is refused) -> its photos (views into ``body``, no
+    copies) and its text fields: ``top_k`` (digits) and ``min_score`` (a number 0-1) once each, the
+    URL's ``?top_k=`` / ``?min_score=`` merged in (and refused when they disagree with the form's)."""
     fields = FORM_FIELDS[path]
     photo = next(f for f, is_file in fields.items() if is_file)
     hint = f"send the photo as the multipart field '{photo}' (curl -F {photo}=@photo.jpg)"
@@ -50,7 +52,7 @@ def canonical_form(body: bytes, content_type: bytes, path: str, query: dict[str,
         raise FormError(f"the multipart boundary is {len(boundary)} characters long, over the {MAX_BOUNDARY} that "
                         f"RFC 2046 allows; {hint}")
     delim = b"--" + boundary
-    photos: list[tuple[str, bytes]] = []
+    photos: list[memoryview] = []
     text: dict[str, str] = {}
     for headers, value in _parts(body, delim, max_parts, hint):
         disp = headers.get(b"content-disposition", b"")
@@ -68,14 +70,14 @@ def canonical_form(body: bytes, content_type: bytes, path: str, query: dict[str,
             if photos and path == "/classify":
                 raise FormError(f"more than one '{photo}' field; /classify takes one photo, /classify_batch "
                                 "several ('images')")
-            photos.append((field, value))
+            photos.append(value)
         else:
             if b"filename" in p:
                 raise FormError(f"'{field}' is a number, not a file; send it as -F {field}=5")
             if field in text:
                 raise FormError(f"'{field}' is given more than once; give it once")
             try:
-                text[field] = CHECK[field](value.decode("utf-8"))
+                text[field] = CHECK[field](bytes(value).decode("utf-8"))
             except UnicodeDecodeError:
                 raise FormError(f"{field} must be written in ASCII digits") from None
     if not photos:
@@ -85,24 +87,18 @@ def canonical_form(body: bytes, content_type: bytes, path: str, query: dict[str,
         if field in text and text[field].strip() != value.strip():
             raise FormError(f"{field} is {value!r} in the URL and {text[field]!r} in the form; give it once")
         text[field] = value
-    out = []
-    for i, (field, value) in enumerate(photos):
-        out.append(delim + f'\r\nContent-Disposition: form-data; name="{field}"; filename="photo-{i}"\r\n'
-                   "Content-Type: application/octet-stream\r\n\r\n".encode() + value + b"\r\n")
-    for field, value in text.items():
-        out.append(delim + f'\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n'.encode() + value.strip().encode()
-                   + b"\r\n")
-    return b"".join(out) + delim + b"--\r\n"
+    return photos, {k: v.strip() for k, v in text.items()}
 
 
-def _parts(body: bytes, delim: bytes, max_parts: int, hint: str) -> list[tuple[dict[bytes, bytes], bytes]]:
+def _parts(body: bytes, delim: bytes, max_parts: int, hint: str) -> list[tuple[dict[bytes, bytes], memoryview]]:
     """A multipart body's parts (headers, value), strictly: each boundary line ends right after the
     boundary, headers end in a blank line, the closing boundary comes last with nothing after it."""
     at = 0 if body.startswith(delim) else body.find(b"\r\n" + delim)
     if at < 0:
         raise FormError(f"the body holds no '{delim.decode('latin-1')}' boundary line; {hint}")
     at += 0 if body.startswith(delim) else 2
-    parts: list[tuple[dict[bytes, bytes], bytes]] = []
+    parts: list[tuple[dict[bytes, bytes], memoryview]] = []
+    view = memoryview(body)
     while True:
         at += len(delim)
         if body.startswith(b"--", at):  # the closing boundary: only padding and line ends may follow
@@ -122,7 +118,7 @@ def _parts(body: bytes, delim: bytes, max_parts: int, hint: str) -> list[tuple[d
         nxt = body.find(b"\r\n" + delim, head_end + 4)
         if nxt < 0:
             raise FormError("the multipart body has no closing boundary; it may have been cut off, send it again")
-        parts.append((_part_headers(body[line_end + 2 : head_end]), body[head_end + 4 : nxt]))
+        parts.append((_part_headers(body[line_end + 2 : head_end]), view[head_end + 4 : nxt]))
         at = nxt + 2
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +27,8 @@ HEADER_LENGTH = "inference-header-content-length"  # the binary tensor data exte
 INPUTS = ("image", "pixels")
 OUTPUTS = ("scores", "logits")
 MAX_HEADER = 1 << 20  # bytes of JSON a request's header may hold (the photos travel as binary or base64)
+JSON_VALUE_BYTES = 64  # what one JSON value costs once parsed (a Python object and its list slot), at most
+_LENGTH = re.compile(r"[0-9]{1,18}")  # ASCII digits only: '²' is a digit to str.isdigit() and not to int()
 
 
 class ProtocolError(Exception):
@@ -54,10 +58,28 @@ class InferRequest:
         return len(self.photos) if self.pixels is None else len(self.pixels)
 
 
+def json_values(body: bytes, header_length: str | None) -> int:
+    """An upper bound on the values the request's JSON holds (its commas, plus one), counted before
+    it is parsed: what parsing will cost is ``JSON_VALUE_BYTES`` times this, taken from the budget first."""
+    if header_length is not None and _LENGTH.fullmatch(header_length.strip()):
+        return body.count(b",", 0, int(header_length.strip())) + 1
+    return body.count(b",") + 1
+
+
+def check_json_values(values: int, has_pixels: bool, crop: int, max_rows: int) -> None:
+    """Refuse a JSON body with more values than the rows it may carry could need, before parsing it
+    (250 MB of ``""`` elements once blocked a worker for 24 s and took it from 675 to 2511 MB)."""
+    most = max_rows * (crop * crop * 3 if has_pixels else 1) + 1024
+    if values > most:
+        raise ProtocolError(413, f"the request's JSON holds up to {values} values, more than {max_rows} rows of "
+                                 f"{'pixels' if has_pixels else 'photos'} could need ({most}); send one base64 string a "
+                                 "photo, or photos and pixels as binary tensor data")
+
+
 def parse_infer(body: bytes, header_length: str | None, crop: int, classes: int, max_rows: int) -> InferRequest:
     """A v2 infer request (plain JSON, or JSON then binary tensor data) -> what to run."""
     if header_length is not None:
-        if not header_length.strip().isdigit() or int(header_length) > len(body):
+        if not _LENGTH.fullmatch(header_length.strip()) or int(header_length) > len(body):
             raise ProtocolError(400, f"Inference-Header-Content-Length {header_length[:20]!r} is not the length of "
                                      "the JSON header at the start of the body")
         n = int(header_length)
@@ -91,11 +113,18 @@ def parse_infer(body: bytes, header_length: str | None, crop: int, classes: int,
         elif "data" not in inp:
             raise ProtocolError(400, f"input {inp['name']}: no 'data' and no binary_data_size; give one")
         shape = _shape(inp)
+        if shape and shape[0] > max_rows:  # before a single element is read
+            raise ProtocolError(413, f"input {inp['name']}: shape {shape[:4]} holds {shape[0]} rows, over the limit of "
+                                     f"{max_rows} (EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
+        if inp["name"] == "image" and out.photos:
+            raise ProtocolError(400, "two 'image' inputs; give one, with one element a photo")
+        if inp["name"] == "pixels" and out.pixels is not None:
+            raise ProtocolError(400, "two 'pixels' inputs; give one, with one row a photo")
         if inp["name"] == "image":
             if inp.get("datatype") != "BYTES":
                 raise ProtocolError(400, "input image: datatype must be BYTES (one encoded photo a row)")
-            out.photos = _bytes_elements(raw) if raw is not None else _base64_elements(inp["data"])
-            if not shape or shape[0] != len(out.photos) or int(np.prod(shape)) != len(out.photos):
+            out.photos = _bytes_elements(raw, max_rows) if raw is not None else _base64_elements(inp["data"], max_rows)
+            if not shape or shape[0] != len(out.photos) or math.prod(shape) != len(out.photos):
                 raise ProtocolError(400, f"input image: shape {shape} does not hold the {len(out.photos)} photos sent; "
                                          "give shape [n] (or [n, 1]) for n photos")
         else:
@@ -120,24 +149,37 @@ def _shape(inp: dict[str, Any]) -> list[int]:
     return shape
 
 
-def _bytes_elements(raw: bytes) -> list[bytes]:
-    """A BYTES tensor in the binary extension: each element a 4-byte little-endian length, then its bytes."""
-    items, at = [], 0
+def _too_many(max_rows: int) -> ProtocolError:
+    return ProtocolError(413, f"input image: more than {max_rows} photos in one request, over the limit "
+                              "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
+
+
+def _bytes_elements(raw: bytes, max_rows: int) -> list[memoryview]:
+    """A BYTES tensor in the binary extension: each element a 4-byte little-endian length, then its
+    bytes (views, not copies); refused as soon as it holds more than ``max_rows``."""
+    items: list[memoryview] = []
+    at, view = 0, memoryview(raw)
     while at < len(raw):
+        if len(items) >= max_rows:
+            raise _too_many(max_rows)
         if at + 4 > len(raw):
             raise ProtocolError(400, "input image: binary BYTES data cut inside an element's 4-byte length")
         (n,) = struct.unpack_from("<I", raw, at)
         if at + 4 + n > len(raw):
             raise ProtocolError(400, "input image: a binary BYTES element is longer than the data sent")
-        items.append(raw[at + 4 : at + 4 + n])
+        items.append(view[at + 4 : at + 4 + n])
         at += 4 + n
     return items
 
 
-def _base64_elements(data: Any) -> list[bytes]:
+def _base64_elements(data: Any, max_rows: int) -> list[bytes]:
     flat = data if isinstance(data, list) else [data]
+    if len(flat) > max_rows:
+        raise _too_many(max_rows)
     if any(isinstance(x, list) for x in flat):
         flat = [y for x in flat for y in (x if isinstance(x, list) else [x])]
+        if len(flat) > max_rows:
+            raise _too_many(max_rows)
     out = []
     for i, s in enumerate(flat):
         if not isinstance(s, str):
@@ -156,15 +198,18 @@ def _pixels(inp: dict[str, Any], raw: bytes | None, shape: list[int], crop: int)
     if len(shape) != 4 or shape[1:] != [crop, crop, 3]:
         raise ProtocolError(400, f"input pixels: shape must be [n, {crop}, {crop}, 3] (resized and cropped as the "
                                  f"model's preprocess says), not {shape}")
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: np.prod wraps in int64 ([2**54 + 1, 224, 224, 3] once made a 500)
     if raw is not None:
         if len(raw) != count:
             raise ProtocolError(400, f"input pixels: {len(raw)} bytes of binary data for shape {shape} ({count} values)")
         return np.frombuffer(raw, np.uint8).reshape(shape)
     try:
-        a = np.asarray(inp["data"], dtype=np.int64)
+        a = np.asarray(inp["data"])
     except (ValueError, TypeError, OverflowError):
         raise ProtocolError(400, "input pixels: 'data' must be whole numbers 0-255") from None
+    if a.dtype.kind not in "iu":  # 1.5, "7" and true are refused, not read as 1, 7 and 1
+        what = {"f": "decimals", "b": "true/false"}.get(a.dtype.kind, "strings or mixed values")
+        raise ProtocolError(400, f"input pixels: 'data' must be whole numbers 0-255, not {what}")
     if a.size != count or (a.size and (a.min() < 0 or a.max() > 255)):
         raise ProtocolError(400, f"input pixels: 'data' must hold {count} whole numbers 0-255 for shape {shape}")
     return a.astype(np.uint8).reshape(shape)
@@ -172,7 +217,7 @@ def _pixels(inp: dict[str, Any], raw: bytes | None, shape: list[int], crop: int)
 
 def _outputs(req: dict[str, Any], classes: int) -> list[Wanted]:
     params = req.get("parameters") if isinstance(req.get("parameters"), dict) else {}
-    default_binary = bool(params.get("binary_data_output", False))
+    default_binary = _flag(params.get("binary_data_output", False), "binary_data_output")
     asked = req.get("outputs")
     if asked is None:
         return [Wanted(name, default_binary) for name in OUTPUTS]
@@ -187,8 +232,15 @@ def _outputs(req: dict[str, Any], classes: int) -> list[Wanted]:
         k = p.get("classification", 0)
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= classes:
             raise ProtocolError(400, f"output {o['name']}: classification must be a whole number from 1 to {classes}")
-        wanted.append(Wanted(o["name"], bool(p.get("binary_data", default_binary)), k))
+        wanted.append(Wanted(o["name"], _flag(p.get("binary_data", default_binary), f"output {o['name']}: binary_data"), k))
     return wanted
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A JSON boolean: the string "false" is not read as true."""
+    if not isinstance(value, bool):
+        raise ProtocolError(400, f"{name} must be true or false (a JSON boolean), not {str(value)[:20]!r}")
+    return value
 
 
 def classification(values: np.ndarray, k: int, labels: list[str]) -> np.ndarray:

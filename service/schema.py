@@ -42,6 +42,8 @@ class Info(BaseModel):
                                                     "max_batch, window_ms")
     workers: dict[str, Any] = Field(description="workers, threads per worker and the CPUs they follow (the "
                                                 "cgroup's CPU quota where there is one)")
+    memory: dict[str, Any] = Field(description="this worker's memory budget for requests: budget_bytes, where it came "
+                                               "from (budget_from), held_bytes now, peak_bytes, requests refused for it")
     min_score: float | None = Field(None, description="below this best score the first answer is 'unknown' (build "
                                                       "--min-score; a request's min_score overrides it)")
     versions: dict[str, str]
@@ -64,7 +66,7 @@ def with_description(svc: Any, readme: Path) -> None:
 
 
 def info_payload(model: Any, batching: dict[str, float], s: Any, tag: str | None, source: Any,
-                 warm: int | None) -> dict[str, Any]:
+                 warm: int | None, memory: dict[str, Any]) -> dict[str, Any]:
     """GET /info's body (see :class:`Info`); server paths only where EXTENDSERVE_INFO_PATHS=1."""
     import sys
 
@@ -83,7 +85,7 @@ def info_payload(model: Any, batching: dict[str, float], s: Any, tag: str | None
     payload |= {
         "model_tag": tag, "model_version": tag.split(":")[1] if tag else None,
         "model_dir": str(source), "pinned_copy": str(model.dir), "device": model.device, "providers": model.providers,
-        "batching": batching, "engine": model.engine_report,
+        "batching": batching, "engine": model.engine_report, "memory": memory,
         "workers": {"workers": s.workers, "threads_per_worker": s.threads, "cpus": cores(), "cpu_quota": cgroup_cpus(),
                     "decoding_per_worker": s.decoding, "warm": warm},
         "versions": {"extendserve": __version__, "onnxruntime": onnxruntime.__version__, "bentoml": bentoml.__version__,

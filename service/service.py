@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,15 @@ except ImportError:  # inside a bento built from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from extendserve.errors import BadImageError, ExtendserveError
+from extendserve.photos.preprocess import decode_cost
 from extendserve.serving.batching import MicroBatcher
+from extendserve.serving.budget import MemoryBudget, OverBudget
 from extendserve.serving.runtime import Model
-from extendserve.serving.served import ReadyMarks, engine_choice, give_back_memory, resolve_served_model
+from extendserve.serving.served import ReadyMarks, engine_choice, resolve_served_model
 from extendserve.serving.settings import ServiceSettings
 
 from .edge import ClientError, HttpEdge, answers_client_errors
+from .metrics import bound_bentoml_metrics
 from .schema import Classification, Info, MinScore, TopK, info_payload, with_description
 from .v2 import attach as attach_v2
 
@@ -51,11 +55,22 @@ def _stop(msg: str) -> None:
 # photo (make burst: +6-10% growth over 1500 requests in six runs, +3-5% in two runs with two arenas).
 os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 UI_PAGE = Path(__file__).with_name("ui.html")
+# BentoML turns circus' respawn off in a container (BENTOML_CONTAINERIZED), leaving it to the
+# orchestrator; but its /livez still answers 200 from the workers left, so a pod with a worker killed
+# (by the memory cgroup, say) served at part of its capacity, or not at all, for good. Read here in
+# the main process, before the workers' watcher is made: a dead worker is replaced as a local
+# `bentoml serve` replaces it, and one that cannot be replaced fails /livez (__is_alive__).
+os.environ.pop("BENTOML_CONTAINERIZED", None)
 try:  # checked in bentoml serve's main process: a bad setting or model stops the whole service
     S = ServiceSettings.from_env()
     MODEL_TAG, MODEL_SOURCE, MODEL_DIR = resolve_served_model(__file__, S.device)
     ENGINE_REPORT = engine_choice(MODEL_DIR, S)  # the CPU engine, chosen once here for every worker
     READY = ReadyMarks.for_service()
+    # One memory budget per worker for everything its requests hold (the edge's bodies, decoding):
+    # set, or what the cgroup's memory limit leaves each worker after the model.
+    BUDGET_BYTES, BUDGET_FROM = S.memory_budget((MODEL_DIR / "model.onnx").stat().st_size)
+    BUDGET = MemoryBudget(BUDGET_BYTES, BUDGET_FROM)
+    REQUEST_LIMIT = S.request_limit(BUDGET_BYTES)
 except (ExtendserveError, OSError) as e:
     _stop(str(e))
 
@@ -106,16 +121,25 @@ class Classifier:
         # Photos decoded at once on this worker, whatever the number of requests: a decoded 12 MP
         # photo is 36 MB, and six concurrent batches once took a worker from 333 MB to 1 GB for good.
         self.decoding = asyncio.Semaphore(S.decoding)
-        self.batches = 0  # batch requests in progress; the last one out gives memory back
         READY.mark()
 
     def __is_ready__(self) -> bool:
         """Every worker has loaded and warmed up the model (BentoML's /readyz asks this)."""
         return READY.all(S.workers)
 
+    def __is_alive__(self) -> bool:
+        """False (BentoML's /livez 503, so the orchestrator restarts the pod) once a worker that died
+        has gone unreplaced for EXTENDSERVE_HEAL_S: a pod at part of its capacity for good is not live."""
+        missing = READY.missing_for(S.workers)
+        if missing > S.heal_s:
+            log.error("extendserve: a worker died %.0f s ago and has not been replaced (EXTENDSERVE_HEAL_S=%.0f); "
+                      "/livez fails so that the pod is restarted", missing, S.heal_s)
+        return missing <= S.heal_s
+
     # The Open Inference Protocol's name for this model (its store name, else its folder's) and version.
     v2_name = MODEL_TAG.split(":")[0] if MODEL_TAG else Path(MODEL_SOURCE).name
     settings = S
+    budget = BUDGET
 
     @property
     def v2_version(self) -> str:
@@ -123,32 +147,56 @@ class Classifier:
 
     def info_payload(self) -> dict[str, Any]:
         # Server paths (training folders, head files, the store) only where a setting asks for them.
-        return info_payload(self.model, self.batcher.stats(), S, MODEL_TAG, MODEL_SOURCE, READY.count())
+        return info_payload(self.model, self.batcher.stats(), S, MODEL_TAG, MODEL_SOURCE, READY.count(),
+                            BUDGET.stats() | {"request_limit_bytes": REQUEST_LIMIT})
 
-    async def _prepare(self, photo: Path | bytes, name: str) -> np.ndarray:
-        """An uploaded file or a raw body -> the model's pixels, size-checked before it is read."""
-        size = len(photo) if isinstance(photo, bytes) else photo.stat().st_size
+    async def _prepare(self, photo: Path | bytes | memoryview, name: str) -> np.ndarray:
+        """An uploaded file, a raw body or a form's part -> the model's pixels: size-checked before it
+        is read, and what decoding it will hold (from its header) taken from the worker's budget first."""
+        size = photo.stat().st_size if isinstance(photo, Path) else len(photo)
         if size > S.max_upload:
             raise ClientError(413, f"{name}: {size / 2**20:.1f} MB is over the {S.max_upload / 2**20:.0f} MB upload limit "
                                    "(EXTENDSERVE_MAX_UPLOAD_MB)")
-        read = (lambda: photo) if isinstance(photo, bytes) else photo.read_bytes
         async with self.decoding:
+            data = await asyncio.to_thread(photo.read_bytes) if isinstance(photo, Path) else photo
+            cost = decode_cost(data, self.model.preprocess.resize) + (size if isinstance(photo, Path) else 0)
+            if cost > BUDGET.limit:
+                raise ClientError(413, f"{name}: decoding it would hold {cost / 2**20:.0f} MB, over this worker's whole "
+                                       f"memory budget of {BUDGET.limit / 2**20:.0f} MB; resize the photo or save it as JPEG")
             try:
-                return await asyncio.to_thread(lambda: self.model.prepare(read(), name))
+                BUDGET.take(cost, f"decoding {name}")
+            except OverBudget as e:
+                raise ClientError(503, e.message) from None
+            try:
+                return await asyncio.to_thread(self.model.prepare, data, name)
             except BadImageError as e:
                 raise ClientError(400, str(e)) from None
+            finally:
+                BUDGET.give(cost)
 
-    async def classify_one(self, photo: Path | bytes, top_k: int, min_score: float | None = None) -> Classification:
-        return (await self._classify([photo], top_k, None, min_score))[0]
+    async def classify_many(self, photos: list[Any], top_k: int, min_score: float | None = None,
+                            gone: Callable[[], Awaitable[bool]] | None = None) -> list[Classification]:
+        """Photos (bytes, views or files) -> one Classification each, in order (the edge answers
+        /classify and /classify_batch with it)."""
+        return await self._classify(photos, top_k, gone, min_score)
 
-    async def scores(self, photos: list[Path | bytes], ctx: bentoml.Context | None = None,
+    async def classify_batch_of(self, photos: list[Any], top_k: int, min_score: float | None = None,
+                                gone: Callable[[], Awaitable[bool]] | None = None) -> list[Classification]:
+        if not photos:
+            raise ClientError(400, "no photos: send one or more multipart fields named 'images'")
+        if len(photos) > S.max_batch_photos:
+            raise ClientError(413, f"{len(photos)} photos in one request is over the limit of {S.max_batch_photos} "
+                                   "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
+        return await self._classify(photos, top_k, gone, min_score)
+
+    async def scores(self, photos: list[Any], gone: Callable[[], Awaitable[bool]] | None = None,
                      pixels: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """Photos -> their score rows (their pixels appended to ``pixels`` if given), a chunk at a
         time: a batch of hundreds takes turns in the decode threads and the model queue with single
-        requests, and stops once its client has gone."""
+        requests, and stops once its client has gone (``gone``)."""
         rows: list[np.ndarray] = []
         for start in range(0, len(photos), S.chunk):
-            if start and ctx is not None and await ctx.request.is_disconnected():
+            if start and gone is not None and await gone():
                 log.info("extendserve: the client went away; stopped its batch after %d of %d photos", start, len(photos))
                 raise ClientError(499, "the client went away")
             chunk = photos[start : start + S.chunk]
@@ -159,42 +207,32 @@ class Classifier:
             rows += await asyncio.gather(*[self.batcher.submit(x) for x in done])
         return rows
 
-    async def _classify(self, photos: list[Path | bytes], top_k: int, ctx: bentoml.Context | None = None,
+    async def _classify(self, photos: list[Any], top_k: int, gone: Callable[[], Awaitable[bool]] | None = None,
                         min_score: float | None = None) -> list[Classification]:
         try:
             self.model.check_top_k(top_k)
         except ExtendserveError as e:
             raise ClientError(400, str(e)) from None
-        rows = await self.scores(photos, ctx)
+        rows = await self.scores(photos, gone)
         return [Classification(predictions=row) for row in self.model.top_k(np.stack(rows), top_k, min_score)]
 
     @bentoml.api
     @answers_client_errors
     async def classify(self, image: Path, top_k: TopK = 5, min_score: MinScore | None = None) -> Classification:
-        """One photo (multipart field ``image``) -> its top-k labels, scores and heads ('unknown' first
-        when the best score is under ``min_score``, default the model's)."""
-        return await self.classify_one(image, top_k, min_score)
+        """One photo (multipart field ``image``, or the photo as the body) -> its top-k labels, scores
+        and heads ('unknown' first when the best score is under ``min_score``, default the model's)."""
+        return (await self.classify_many([image], top_k, min_score))[0]
 
     @bentoml.api
     @answers_client_errors
     async def classify_batch(self, images: list[Path], ctx: bentoml.Context, top_k: TopK = 5,
                              min_score: MinScore | None = None) -> list[Classification]:
         """Several photos (multipart field ``images``, repeated) -> one result each, in order."""
-        if not images:
-            raise ClientError(400, "no photos: send one or more multipart fields named 'images'")
-        if len(images) > S.max_batch_photos:
-            raise ClientError(413, f"{len(images)} photos in one request is over the limit of {S.max_batch_photos} "
-                                   "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
-        self.batches += 1
-        try:
-            return await self._classify(images, top_k, ctx, min_score)
-        finally:
-            self.batches -= 1
-            if not self.batches:
-                await asyncio.to_thread(give_back_memory)
+        return await self.classify_batch_of(images, top_k, min_score, ctx.request.is_disconnected)
 
 
+bound_bentoml_metrics()  # series by route, not by the raw path (a client's random URLs cost nothing)
 with_description(Classifier, Path(__file__).with_name("README.md"))  # the Swagger page says what this is
-Classifier.add_asgi_middleware(HttpEdge, limit=S.max_upload + 64 * 1024, batch_limit=S.max_request,
+Classifier.add_asgi_middleware(HttpEdge, limit=S.max_upload + 64 * 1024, batch_limit=REQUEST_LIMIT,
                                min_rate=S.min_rate, grace=S.grace, admitted=S.admitted,
-                               max_parts=S.max_batch_photos + 1, buffered=S.max_buffered)
+                               max_parts=S.max_batch_photos + 1, budget=BUDGET)

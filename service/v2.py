@@ -10,8 +10,23 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
+from extendserve.serving.budget import OverBudget
+
 from .edge import ClientError
-from .oip import HEADER_LENGTH, InferRequest, ProtocolError, Wanted, classification, encode_response, model_metadata, parse_infer
+from .oip import (
+    HEADER_LENGTH,
+    JSON_VALUE_BYTES,
+    MAX_HEADER,
+    InferRequest,
+    ProtocolError,
+    Wanted,
+    check_json_values,
+    classification,
+    encode_response,
+    json_values,
+    model_metadata,
+    parse_infer,
+)
 
 
 async def run(svc: Any, req: InferRequest) -> list[tuple[Wanted, np.ndarray]]:
@@ -36,7 +51,7 @@ router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
 
 
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers={"retry-after": "1"} if status == 503 else None)
 
 
 def _model(name: str) -> Any:
@@ -86,8 +101,26 @@ async def model_ready(name: str, version: str | None = None) -> Any:
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """Photos (BYTES ``image``) or pixels (UINT8 ``pixels``) -> ``scores`` and ``logits``."""
     svc = _model(name)
-    req = parse_infer(await request.body(), request.headers.get(HEADER_LENGTH), svc.model.preprocess.crop,
-                      len(svc.model.labels), svc.settings.max_batch_photos)
+    if version is not None and version != svc.v2_version:
+        raise ProtocolError(404, f"no version {version[:40]!r} of {name[:80]!r}; this server serves version "
+                                 f"{svc.v2_version!r} (GET /v2/models/{svc.v2_name})")
+    body, length = await request.body(), request.headers.get(HEADER_LENGTH)
+    crop, rows = svc.model.preprocess.crop, svc.settings.max_batch_photos
+    values = json_values(body, length)  # counted before a byte is parsed, its cost taken from the budget
+    check_json_values(values, b'"pixels"' in body[: len(body) if length is None else MAX_HEADER], crop, rows)
+    cost = values * JSON_VALUE_BYTES
+    if cost > svc.budget.limit:
+        raise ProtocolError(413, f"parsing this request's JSON would hold {cost / 2**20:.0f} MB, over this worker's "
+                                 f"memory budget of {svc.budget.limit / 2**20:.0f} MB; send photos and pixels as binary "
+                                 "tensor data")
+    try:
+        svc.budget.take(cost, "this request's JSON")
+    except OverBudget as e:
+        raise ProtocolError(503, e.message) from None
+    try:  # off the event loop: /livez and the other requests go on meanwhile
+        req = await asyncio.to_thread(parse_infer, body, length, crop, len(svc.model.labels), rows)
+    finally:
+        svc.budget.give(cost)
     tensors = await run(svc, req)
     data, headers = encode_response(svc.v2_name, svc.v2_version, req.id, tensors)
     return Response(data, headers=headers)

@@ -36,6 +36,23 @@ def _cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.setdefault("EXTENDSERVE_ENGINE", "onnxruntime")
 
 
+def wait_for(what: str, probe, seconds: float = 180, every: float = 0.05):
+    """Wait on a state, not a margin: call ``probe()`` until it returns a truthy value (returned), or
+    fail after ``seconds`` (a generous deadline, never a measure of speed) saying what was awaited
+    and what ``probe`` saw last. ``probe`` may return ``(ok, seen)`` to report what it saw."""
+    import time
+
+    deadline, seen = time.monotonic() + seconds, None
+    while True:
+        got = probe()
+        ok, seen = got if isinstance(got, tuple) and len(got) == 2 and isinstance(got[0], bool) else (bool(got), got)
+        if ok:
+            return seen
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {seconds:.0f} s for {what}; last saw: {str(seen)[:2000]}")
+        time.sleep(every)
+
+
 def run_cli(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``extendserve ARGS`` as a user runs it: its exit code, stdout and stderr.
 

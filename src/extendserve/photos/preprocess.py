@@ -89,6 +89,29 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
         raise BadImageError(f"{source}: the image is too large to decode") from None
 
 
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # else 4 (Pillow's layout)
+
+
+def decode_cost(data: bytes | bytearray | memoryview, min_side: int | None = None) -> int:
+    """The bytes :func:`decode` will hold at its peak for ``data``, from its header alone: a copy of
+    the bytes, the image as Pillow stores it (4 bytes a pixel for RGB; a JPEG at the scale ``draft``
+    will pick) and a quarter more for the reduced copies. 0 for what is not an image (decode says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+        w, h = im.size
+        mode, fmt = im.mode, im.format
+    except Exception:  # noqa: BLE001 - whatever it is, decode refuses it with the reason
+        return len(data)
+    if min_side and fmt == "JPEG":
+        for scale in (8, 4, 2):
+            if min(w, h) // scale >= min_side:
+                w, h = math.ceil(w / scale), math.ceil(h / scale)
+                break
+    return len(data) + int(w * h * _STORED_BYTES.get(mode, 4) * 1.25)
+
+
 _TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
               5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
               8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what makes the photo upright (as ImageOps does)

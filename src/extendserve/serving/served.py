@@ -14,6 +14,7 @@ and refuse a model whose sha256 is not the one the main process checked. No torc
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
@@ -22,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -90,9 +92,18 @@ def served_model_dir(directory: str | os.PathLike[str]) -> Path:
                                    f"{got[:12]}, started with {want[:12]}); restart the service")
         return Path(pinned)
     path = pin_model(directory)  # read and checked there, once
+    if path != Path(directory):  # a private copy: gone when the main process exits
+        atexit.register(_unpin_if_main, path, os.getpid())
     os.environ[PIN_ENV] = str(path)
     os.environ[PIN_SHA_ENV] = Manifest.read(path / "manifest.json").model_sha256
     return path
+
+
+def _unpin_if_main(path: Path, pid: int) -> None:
+    if os.getpid() == pid:
+        for f in path.iterdir() if path.is_dir() else []:
+            f.chmod(0o644)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def check_device(model_dir: str | os.PathLike[str], device: str) -> None:
@@ -181,16 +192,21 @@ def engine_choice(model_dir: Path, s: Any) -> dict[str, Any] | None:
 
 class ReadyMarks:
     """Ready means every worker has warmed up: each leaves a mark named by its pid in a folder the
-    main process made (its workers inherit the path); readiness counts the marks of live workers."""
+    main process made (its workers inherit the path); readiness counts the marks of live workers,
+    never a zombie's. A worker that dies leaves its mark behind: it becomes ``dead-<pid>``, dated when
+    first seen dead, until a warm replacement takes its place; :meth:`missing_for` says how long the
+    service has been short of a worker (the liveness probe fails past a limit: a pod that cannot heal
+    is restarted). The main process removes the folder when it exits."""
 
     def __init__(self, folder: Path | None):
         self.folder = folder
 
     @classmethod
     def for_service(cls) -> ReadyMarks:
-        if READY_ENV not in os.environ:
+        if READY_ENV not in os.environ:  # the main process
             try:
-                os.environ[READY_ENV] = tempfile.mkdtemp(prefix="extendserve-ready-")
+                os.environ[READY_ENV] = folder = tempfile.mkdtemp(prefix="extendserve-ready-")
+                atexit.register(_remove_if_main, folder, os.getpid())
             except OSError:
                 os.environ[READY_ENV] = ""  # nowhere to write: a worker that answers is a warm one
         return cls(Path(os.environ[READY_ENV]) if os.environ[READY_ENV] else None)
@@ -198,6 +214,8 @@ class ReadyMarks:
     def mark(self) -> None:
         if self.folder is not None:
             try:
+                for dead in sorted(self.folder.glob("dead-*"), key=_mtime)[:1]:  # the one this worker replaces
+                    dead.unlink(missing_ok=True)
                 (self.folder / str(os.getpid())).touch()
             except OSError:
                 self.folder = None
@@ -207,20 +225,66 @@ class ReadyMarks:
         if self.folder is None:
             return None
         try:
-            return sum(_alive(p.name) for p in self.folder.iterdir())
+            live = 0
+            for p in self.folder.iterdir():
+                if p.name.startswith("dead-"):
+                    continue
+                if _alive(p.name):
+                    live += 1
+                else:  # dated now, when first seen dead
+                    try:
+                        p.rename(self.folder / f"dead-{p.name}")
+                        os.utime(self.folder / f"dead-{p.name}")
+                    except OSError:
+                        pass  # another worker saw it first
+            return live
         except OSError:
             return None
+
+    def missing_for(self, workers: int) -> float:
+        """Seconds since a worker that had warmed up died without a warm replacement (0: none missing)."""
+        n = self.count()
+        if n is None or self.folder is None:
+            return 0.0
+        try:
+            dead = list(self.folder.glob("dead-*"))
+            if n >= workers:
+                for d in dead:
+                    d.unlink(missing_ok=True)
+                return 0.0
+            return max((time.time() - _mtime(d) for d in dead), default=0.0)
+        except OSError:
+            return 0.0
 
     def all(self, workers: int) -> bool:
         n = self.count()
         return n is None or n >= workers
 
 
-def _alive(pid: str) -> bool:
+def _mtime(p: Path) -> float:
     try:
-        os.kill(int(pid), 0)
-        return True
+        return p.stat().st_mtime
+    except OSError:
+        return time.time()
+
+
+def _remove_if_main(folder: str, pid: int) -> None:
+    """At exit, the main process removes the marks' folder (its workers inherit this hook: they leave it)."""
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    """A process that runs: not gone, and not a zombie (dead, not yet reaped: kill(pid, 0) succeeds)."""
+    try:
+        n = int(pid)
+        os.kill(n, 0)
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
-        return True
+        pass
+    try:
+        stat = Path(f"/proc/{n}/stat").read_text()
+        return stat[stat.rindex(")") + 2] not in "ZX"
+    except (OSError, ValueError, IndexError):
+        return True  # no /proc: kill() said it exists

@@ -83,8 +83,45 @@ class ServiceSettings:
     grace: float  # seconds
     admitted: int  # requests in progress per worker (429 past it); uploads still arriving do not count
     show_paths: bool  # /info shows server paths (EXTENDSERVE_INFO_PATHS=1)
-    max_buffered: int = 384 * 2**20  # bytes of request bodies still arriving, per worker (503 past it)
+    max_buffered: int | None = None  # EXTENDSERVE_MAX_BUFFERED_MB: each worker's memory budget (None: from the cgroup)
     engine: str = "auto"  # EXTENDSERVE_ENGINE: auto (measured, see engines) | onnxruntime | openvino
+    request_set: bool = False  # EXTENDSERVE_MAX_REQUEST_MB given (else it follows the budget)
+    heal_s: float = 120.0  # EXTENDSERVE_HEAL_S: a worker dead and unreplaced this long fails /livez
+
+    def memory_budget(self, model_bytes: int, limit: int | None = None) -> tuple[int, str]:
+        """Each worker's memory budget for requests, and where it came from (see serving.budget): set,
+        or what the cgroup's memory limit leaves each worker. A budget that cannot hold one photo of
+        the upload limit, or workers whose budgets cannot fit the limit, stop the start with the sums."""
+        from .budget import MAIN_BASE, MB, WORKER_BASE, cgroup_memory, default_budget
+
+        limit = cgroup_memory() if limit is None else limit
+        if self.max_buffered is not None:
+            budget, source = self.max_buffered, "EXTENDSERVE_MAX_BUFFERED_MB"
+            if limit is not None:
+                need = MAIN_BASE + self.workers * (WORKER_BASE + model_bytes + budget)
+                if need > limit:
+                    raise ExtendserveError(
+                        f"EXTENDSERVE_MAX_BUFFERED_MB={budget / MB:.0f} cannot fit the cgroup's memory limit of "
+                        f"{limit / MB:.0f} MB: {MAIN_BASE / MB:.0f} MB main + {self.workers} workers x ({WORKER_BASE / MB:.0f}"
+                        f" MB baseline + {model_bytes / MB:.0f} MB model + {budget / MB:.0f} MB budget) = {need / MB:.0f} MB;"
+                        " lower it, use fewer workers (EXTENDSERVE_WORKERS) or raise the limit")
+        else:
+            budget, source = default_budget(self.workers, limit, model_bytes)
+        if budget < self.max_upload:
+            raise ExtendserveError(
+                f"each worker's memory budget is {budget / MB:.0f} MB ({source}), under the "
+                f"{self.max_upload / MB:.0f} MB upload limit (EXTENDSERVE_MAX_UPLOAD_MB): no photo of that size could be "
+                "held; lower EXTENDSERVE_MAX_UPLOAD_MB, use fewer workers (EXTENDSERVE_WORKERS) or give the pod more memory")
+        if self.request_set and self.max_request > budget:
+            raise ExtendserveError(
+                f"EXTENDSERVE_MAX_REQUEST_MB={self.max_request / MB:.0f} is over each worker's memory budget of "
+                f"{budget / MB:.0f} MB ({source}); no request that large could be held: lower it")
+        return budget, source
+
+    def request_limit(self, budget: int) -> int:
+        """Bytes a batch or /v2 body may hold: the setting, else at most half the budget (its photos
+        must still be decoded within it)."""
+        return self.max_request if self.request_set else min(self.max_request, max(self.max_upload, budget // 2))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ServiceSettings:
@@ -104,7 +141,10 @@ class ServiceSettings:
             max_upload=int(_number(env, "EXTENDSERVE_MAX_UPLOAD_MB", 32, float, 0.001, 4096) * 2**20),
             max_request=max_request,
             # at least one whole request of the largest size, whatever is set
-            max_buffered=max(max_request, int(_number(env, "EXTENDSERVE_MAX_BUFFERED_MB", 384, float, 1, 1e6) * 2**20)),
+            max_buffered=(int(_number(env, "EXTENDSERVE_MAX_BUFFERED_MB", 384, float, 1, 1e6) * 2**20)
+                          if "EXTENDSERVE_MAX_BUFFERED_MB" in env else None),
+            request_set="EXTENDSERVE_MAX_REQUEST_MB" in env,
+            heal_s=_number(env, "EXTENDSERVE_HEAL_S", 120, float, 1, 86400),
             max_batch_photos=_number(env, "EXTENDSERVE_MAX_BATCH_PHOTOS", 256, int, 1, 100_000),
             chunk=max(1, min(8, max_batch)),
             decoding=_number(env, "EXTENDSERVE_MAX_DECODING", max(2, 2 * n // workers), int, 1, 1024),
