@@ -55,6 +55,11 @@ browser:
 test: install-test
 	$(BIN)/python -m pytest -q
 
+# The suite on fresh clones, 5 times idle and 3 times with every core busy (IDLE=, BUSY= change the
+# counts): zero failures is the bar. Not in CI's default path (8 suites' time).
+test-repeat:
+	tools/test_repeat.sh
+
 # Speed: each script prints its table and rewrites its section of docs/benchmarks.md.
 bench: install model
 	$(BIN)/python bench/serving/model_bench.py
@@ -99,4 +104,4 @@ image-deps:
 test-image: image install-test
 	$(BIN)/python -m pytest -q tests/serving/image_check.py
 
-.PHONY: validate-deploy image image-gpu image-deps test-image install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser
+.PHONY: test-repeat validate-deploy image image-gpu image-deps test-image install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser

@@ -163,7 +163,7 @@ def test_predict_refuses_devices_and_fifos(built_model, tmp_path):
     fifo = tmp_path / "fifo.jpg"
     os.mkfifo(fifo)
     r = subprocess.run([sys.executable, "-m", "extendserve", "predict", "--model", str(built_model), "/dev/zero",
-                        str(fifo)], capture_output=True, text=True, timeout=60, env=os.environ.copy())
+                        str(fifo)], capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert r.returncode == 2 and "Traceback" not in r.stderr and "/dev/zero: not a regular file" in r.stderr
 
 

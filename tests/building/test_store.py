@@ -74,7 +74,7 @@ def test_older_version_exported_imported_and_served_by_tag(two_versions, tmp_pat
 
 def test_missing_tag_stops_start_up_with_the_fix(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bentoml", "serve", "--port", "0"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=60, env=os.environ | {"EXTENDSERVE_MODEL": "extendserve-nothing:latest"})
+                       text=True, timeout=300, env=os.environ | {"EXTENDSERVE_MODEL": "extendserve-nothing:latest"})
     assert r.returncode == 2 and "no model extendserve-nothing:latest" in r.stderr and "extendserve build" in r.stderr
 
 

@@ -103,7 +103,7 @@ def test_cli_backbone_choices_come_from_the_registry_without_torch():
     code = ("import sys; from extendserve.cli.parser import parser; from extendserve.bases.registry import names; "
             "p = parser(); a = p.parse_args(['build', '--backbone', names()[-1]]); "
             "print(a.backbone, 'torch' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.stdout.split() == [names()[-1], "False"], r.stderr
 
 
@@ -154,7 +154,7 @@ def test_backbones_prints_the_registry_at_once():
 
     t0 = time.time()
     r = run_cli("backbones")
-    assert time.time() - t0 < 10 and all(n in r.stdout for n in names()) and "--imagenet" in r.stdout
+    assert time.time() - t0 < 60 and all(n in r.stdout for n in names()) and "--imagenet" in r.stdout
     h = run_cli("backbones", "--help").stdout
     assert h.count("(default") == 0 and "JSON" in h
 

@@ -104,7 +104,7 @@ class Server:
         body, ctype = multipart(fields)
         req = urllib.request.Request(self.url + path, data=body, headers={"Content-Type": ctype}, method="POST")
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with urllib.request.urlopen(req, timeout=180) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
@@ -438,7 +438,7 @@ def test_long_multipart_boundary_is_a_400(server):
     req = urllib.request.Request(server.url + "/classify", data=body, method="POST",
                                  headers={"Content-Type": f"multipart/form-data; boundary={b}"})
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=60)
+        urllib.request.urlopen(req, timeout=180)
     assert e.value.code == 400 and "boundary" in json.loads(e.value.read())["error"]
 
 
@@ -576,7 +576,7 @@ def test_raw_image_body(server):
         req = urllib.request.Request(server.url + "/classify" + query, data=body, method="POST",
                                      headers={"Content-Type": "image/jpeg"})
         try:
-            with urllib.request.urlopen(req, timeout=60) as r:
+            with urllib.request.urlopen(req, timeout=180) as r:
                 return r.status, json.loads(r.read())
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
@@ -594,7 +594,7 @@ def test_body_without_content_type_or_with_a_wrong_one(server):
     import http.client
 
     def post(path: str, body: bytes, ctype: str | None) -> tuple[int, dict]:
-        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=180)
         conn.putrequest("POST", path)
         conn.putheader("Content-Length", str(len(body)))
         if ctype:
@@ -682,7 +682,7 @@ def test_bentoml_sync_http_client(server, tmp_path):
 def raw_post(server, body: bytes, ctype: str, path: str = "/classify") -> tuple[int, dict]:
     req = urllib.request.Request(server.url + path, data=body, method="POST", headers={"Content-Type": ctype})
     try:
-        with urllib.request.urlopen(req, timeout=60) as r:
+        with urllib.request.urlopen(req, timeout=180) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -737,14 +737,14 @@ def test_form_details_the_edge_once_missed(server):
     req = urllib.request.Request(server.url + "/classify?top_k=2", data=typed, method="POST",
                                  headers={"Content-Type": "multipart/form-data; boundary=BND"})
     with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(req, timeout=60)
+        urllib.request.urlopen(req, timeout=180)
     assert e.value.code == 400 and "give it once" in json.loads(e.value.read())["error"]
     from urllib.parse import quote
 
     for path in ("/classify?top_k=" + quote("²"), "/classify?top_k=" + quote("٣")):
         req = urllib.request.Request(server.url + path, data=disc(), method="POST", headers={"Content-Type": "image/jpeg"})
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(req, timeout=60)
+            urllib.request.urlopen(req, timeout=180)
         msg = json.loads(e.value.read())["error"]
         assert e.value.code == 400 and "digits" in msg and "invalid literal" not in msg
 
@@ -842,7 +842,7 @@ def test_min_score_and_the_heads_checks_over_http(server):
         assert status == 400 and "min_score" in body["error"], (bad, body)
     req = urllib.request.Request(server.url + "/classify?min_score=1", data=disc(), method="POST",
                                  headers={"Content-Type": "image/jpeg"})
-    with urllib.request.urlopen(req, timeout=60) as r:
+    with urllib.request.urlopen(req, timeout=180) as r:
         assert json.loads(r.read())["predictions"][0]["label"] == "unknown"
     info = json.loads(server.get("/info")[1])
     head = info["heads"][1]
