@@ -112,12 +112,13 @@ class Classifier:
         log.info("extendserve: serving %s (pinned copy %s) on %s with %s (providers: %s)", MODEL_TAG or MODEL_SOURCE,
                     MODEL_DIR, self.model.device.upper(), self.model.engine.name,
                     ", ".join(self.model.providers))
-        self.model.warm_up((1, 8, S.max_batch))  # grow memory arenas to the largest batch now
+        max_batch = S.batch_for(self.model.device)
+        self.model.warm_up(sorted({1, max_batch}))  # grow memory arenas to the largest batch now
         # An in-process batcher, not @bentoml.api(batchable=True): a batchable API takes one argument
         # (BentoML 1.4's batch_infer), so top_k and a batch's many photos would need a second service
         # and a hop between processes. bench/serving/http_bench.py, 16 clients, 2 cores: 0.82 of the in-process
         # rate batching within 4 ms, 0.62 without.
-        self.batcher = MicroBatcher(self.model.probabilities, max_batch=S.max_batch, max_wait_ms=S.batch_ms)
+        self.batcher = MicroBatcher(self.model.probabilities, max_batch=max_batch, max_wait_ms=S.batch_ms)
         # Photos decoded at once on this worker, whatever the number of requests: a decoded 12 MP
         # photo is 36 MB, and six concurrent batches once took a worker from 333 MB to 1 GB for good.
         self.decoding = asyncio.Semaphore(S.decoding)

@@ -67,7 +67,7 @@ class Model:
     when loaded (sha256, label count = output width), so a mismatched pair fails at start-up."""
 
     def __init__(self, directory: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
-                 engine: str = "onnxruntime", decided: dict[str, Any] | None = None):
+                 engine: str = "onnxruntime", decided: dict[str, Any] | None = None, workers: int = 1):
         """``engine``: on the CPU, ``auto`` picks OpenVINO where it measures faster with the same
         decisions (see :mod:`engines`), ``onnxruntime`` or ``openvino`` force one; ``decided``: the
         report of a choice already made for this model on this machine, taken as it is."""
@@ -92,7 +92,7 @@ class Model:
         self.engine_report: dict[str, Any] = {"engine": "onnxruntime", "why": "CUDA: onnxruntime-gpu"}
         if self.device == "cpu":
             self.engine, self.engine_report = choose(self.engine, self.dir / "model.onnx", self.preprocess.crop,
-                                                     engine, threads, self.manifest.cpu_precision, decided)
+                                                     engine, threads, self.manifest.cpu_precision, decided, workers)
 
     @property
     def providers(self) -> list[str]:

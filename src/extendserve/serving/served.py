@@ -175,18 +175,36 @@ def engine_choice(model_dir: Path, s: Any) -> dict[str, Any] | None:
     photo's score then depended on the worker that answered. None: the engine is forced."""
     if s.engine != "auto":
         return None
-    from .runtime import Model
-
-    key = f"{model_dir}|{s.device}|{s.threads}"
+    key = f"{model_dir}|{s.device}|{s.threads}|{s.workers}"
     try:
         got = json.loads(os.environ.get(ENGINE_ENV, "null"))
         if isinstance(got, dict) and got.get("for") == key and isinstance(got.get("report"), dict):
             return got["report"]  # a worker: the main process chose
     except ValueError:
         pass
-    report = Model(model_dir, device=s.device, threads=s.threads, engine="auto").engine_report
+    report = _measured_engine(model_dir, s)
     report = report | {"chosen": f"once at start, for all {s.workers} worker(s)"}
     os.environ[ENGINE_ENV] = json.dumps({"for": key, "report": report})
+    return report
+
+
+def _measured_engine(model_dir: Path, s: Any) -> dict[str, Any]:
+    """The engines measured in a short-lived child process, so the main process never holds them:
+    measured in place, an OpenVINO model, two onnxruntime sessions and their arenas stayed in it for
+    the life of the service (+156 MB of the pod's memory, bench/serving/peers.py)."""
+    code = ("import json, sys; from extendserve.serving.runtime import Model\n"
+            "m = Model(sys.argv[1], device=sys.argv[2], threads=int(sys.argv[3]), engine='auto', workers=int(sys.argv[4]))\n"
+            "print(json.dumps(m.engine_report))")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(model_dir), s.device, str(s.threads), str(s.workers)],
+                           capture_output=True, text=True, timeout=900)
+        report = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        report = None
+    if not isinstance(report, dict) or report.get("engine") not in ("onnxruntime", "openvino"):
+        log.warning("extendserve: the engines could not be measured (%s); onnxruntime serves",
+                    (r.stderr.strip().splitlines() or ["no answer"])[-1][:200] if "r" in locals() else "no answer")
+        return {"engine": "onnxruntime", "why": "the engines could not be measured"}
     return report
 
 

@@ -118,6 +118,12 @@ class ServiceSettings:
                 f"{budget / MB:.0f} MB ({source}); no request that large could be held: lower it")
         return budget, source
 
+    def batch_for(self, device: str) -> int:
+        """The batcher's largest batch: the setting, else 32 on CUDA and 8 on the CPU. On this 2-core
+        EPYC one worker's onnxruntime runs 188, 173, 163 and 155 photos/s at batch 4, 8, 16 and 32 while
+        its arena grows to 164, 213, 310 and 500 MB (docs/benchmarks.md, "Memory")."""
+        return self.max_batch or (32 if device == "cuda" else 8)
+
     def request_limit(self, budget: int) -> int:
         """Bytes a batch or /v2 body may hold: the setting, else at most half the budget (its photos
         must still be decoded within it)."""
@@ -133,7 +139,8 @@ class ServiceSettings:
             raise ExtendserveError(f"EXTENDSERVE_ENGINE={engine!r} is not valid; give one of {', '.join(ENGINES)}")
         n = cores()
         workers = _number(env, "EXTENDSERVE_WORKERS", min(n, 4), int, 1, 64)
-        max_batch = _number(env, "EXTENDSERVE_MAX_BATCH", 32, int, 1, 1024)
+        # 0: by device (see batch_for); a CPU serves no faster in batches over 8 and holds far more
+        max_batch = _number(env, "EXTENDSERVE_MAX_BATCH", 0, int, 0, 1024)
         max_request = int(_number(env, "EXTENDSERVE_MAX_REQUEST_MB", 256, float, 0.001, 65536) * 2**20)
         return cls(
             device=device, workers=workers, threads=max(1, n // workers),
@@ -146,7 +153,7 @@ class ServiceSettings:
             request_set="EXTENDSERVE_MAX_REQUEST_MB" in env,
             heal_s=_number(env, "EXTENDSERVE_HEAL_S", 120, float, 1, 86400),
             max_batch_photos=_number(env, "EXTENDSERVE_MAX_BATCH_PHOTOS", 256, int, 1, 100_000),
-            chunk=max(1, min(8, max_batch)),
+            chunk=max(1, min(8, max_batch or 8)),
             decoding=_number(env, "EXTENDSERVE_MAX_DECODING", max(2, 2 * n // workers), int, 1, 1024),
             min_rate=_number(env, "EXTENDSERVE_MIN_UPLOAD_KBPS", 16, float, 0, 1e6) * 1024,
             grace=_number(env, "EXTENDSERVE_UPLOAD_GRACE_S", 5, float, 0.1, 600),
