@@ -91,7 +91,7 @@ class _Gone(Exception):
 
 
 _DIGITS = re.compile(rb"[0-9]{1,18}")
-TRIM_AFTER = 8 * 2**20  # a request that held this much gives its heap pages back when the worker is idle
+TRIM_AFTER = 8 * 2**20  # after requests that held this much, heap pages go back to the system when the worker is idle
 
 
 class HttpEdge:
@@ -115,13 +115,12 @@ class HttpEdge:
         length = headers.get(b"content-length")
         if length is not None and _DIGITS.fullmatch(length) and int(length) > limit:
             return await self._too_large(send, int(length), limit)
-        with Held(self.budget) as held:
-            try:
+        try:
+            with Held(self.budget) as held:
                 await self._answer(scope, receive, send, path, limit, headers, held)
-            finally:
-                if held.bytes >= TRIM_AFTER and self.budget.held == held.bytes:  # the last one out
-                    held.give(held.bytes)
-                    await asyncio.to_thread(give_back_memory)
+        finally:
+            if self.budget.idle_after(TRIM_AFTER):  # the last one out after a large request (or its decoding)
+                await asyncio.to_thread(give_back_memory)
 
     async def _answer(self, scope: Any, receive: Any, send: Any, path: str, limit: int, headers: dict[bytes, bytes],
                       held: Held) -> None:
@@ -164,11 +163,13 @@ class HttpEdge:
 
     async def _read_body(self, receive: Any, limit: int, held: Held) -> bytes | None:
         """The whole body, or None past ``limit``; each chunk taken from the worker's budget before it
-        is kept (OverBudget past it). _Slow when it arrives under the minimum rate (after a grace
+        is kept (past it, the rest is read and dropped, then OverBudget: a client that is refused while
+        still sending reads the 503 rather than a reset connection). _Slow when it arrives under the minimum rate (after a grace
         period: the client must have sent (t - grace) * min_rate bytes by time t) or when no byte comes
         for ``grace`` seconds (a client that sent 100 MB at once and then nothing once held its memory
         for hours); _Gone when the client disconnects (its partial body is dropped)."""
         chunks, seen, t0 = [], 0, time.monotonic()
+        refused: OverBudget | None = None
         while True:
             now = time.monotonic()
             deadline = t0 + self.grace + (seen / self.min_rate if self.min_rate > 0 else 3600.0)
@@ -176,6 +177,8 @@ class HttpEdge:
             try:
                 msg = await asyncio.wait_for(receive(), max(0.01, deadline - now))
             except asyncio.TimeoutError:
+                if refused is not None:  # refused already: that is the answer
+                    raise refused from None
                 took = time.monotonic() - t0
                 raise _Slow(f"the request body stalled or arrived too slowly ({seen} bytes in {took:.0f} s; "
                             f"at least {self.min_rate / 1024:.0f} KB/s after the first {self.grace:.0f} s and no "
@@ -184,13 +187,22 @@ class HttpEdge:
                 raise _Gone()
             chunk = msg.get("body", b"")
             if chunk:
-                held.take(len(chunk), "this upload")
-                chunks.append(chunk)
                 seen += len(chunk)
+                if refused is None:
+                    try:
+                        held.take(len(chunk), "this upload")
+                        chunks.append(chunk)
+                    except OverBudget as e:  # read on without keeping a byte, so the client reads the 503
+                        refused, chunks = e, []
+                        held.give(held.bytes)
             if seen > limit:
+                if refused is not None:
+                    raise refused
                 return None
             if not msg.get("more_body"):
                 break
+        if refused is not None:
+            raise refused
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _photos(self, scope: Any, receive: Any, send: Any, path: str, photos: list[Any],

@@ -30,6 +30,7 @@ class MemoryBudget:
     def __init__(self, limit: int, source: str = "EXTENDSERVE_MAX_BUFFERED_MB"):
         self.limit, self.source = int(limit), source
         self.held = self.peak = self.refused = 0
+        self._high = 0  # the most held since memory was last given back to the system
         self._lock = threading.Lock()  # decode threads give back too
 
     def take(self, n: int, what: str) -> None:
@@ -42,10 +43,20 @@ class MemoryBudget:
                                  "retry shortly")
             self.held += n
             self.peak = max(self.peak, self.held)
+            self._high = max(self._high, self.held)
 
     def give(self, n: int) -> None:
         with self._lock:
             self.held = max(0, self.held - n)
+
+    def idle_after(self, least: int) -> bool:
+        """True once, when nothing is held and at least ``least`` bytes were held since the last time:
+        the moment to give freed heap pages back to the system (glibc keeps them otherwise)."""
+        with self._lock:
+            if self.held or self._high < least:
+                return False
+            self._high = 0
+            return True
 
     def stats(self) -> dict[str, int | str]:
         return {"budget_bytes": self.limit, "held_bytes": self.held, "peak_bytes": self.peak,
