@@ -16,7 +16,7 @@ from extendserve.building.manifest import Manifest
 from extendserve.errors import ExtendserveError, HeadFileError
 from extendserve.heads.head import load_head
 
-from conftest import run_cli
+from conftest import run_cli, synthetic_photo
 
 
 def dag(depth: int) -> list:
@@ -202,3 +202,26 @@ def test_a_planted_pinned_copy_is_never_served_and_a_read_only_cache_still_start
             s.stop()
     finally:
         shutil.rmtree(planted, ignore_errors=True)
+
+
+@pytest.mark.parametrize("how", ["--model", "build --from"])
+def test_a_store_tag_with_dot_dot_touches_nothing_outside_the_store(tmp_path, how):
+    """``--model 'extendserve-default/../../../victim:latest'`` once removed every folder of victim/
+    without a model.yaml (the broken-version sweep joined the name onto the store's path before
+    BentoML checked the tag). The tag is checked first now; nothing outside the store is touched."""
+    home = Path(os.environ["BENTOML_HOME"])
+    victim = home.parent / "victim"
+    (victim / "my-project" / "src").mkdir(parents=True, exist_ok=True)
+    (victim / "my-project" / "src" / "main.c").write_text("int main(void) { return 0; }\n")
+    (victim / "empty-folder").mkdir(exist_ok=True)
+    for p in [victim / "my-project" / "src" / "main.c", victim / "my-project" / "src", victim / "my-project",
+              victim / "empty-folder"]:
+        os.utime(p, (time.time() - 3600, time.time() - 3600))  # not "being saved": the old sweep took them
+    tag = "extendserve-default/../../../victim:latest"
+    synthetic_photo(0, 1).save(tmp_path / "x.png")
+    args = ["predict", "--model", tag, str(tmp_path / "x.png")] if how == "--model" else [
+        "build", "--from", tag, "-o", str(tmp_path / "m"), "--no-store"]
+    r = run_cli(*args, check=False)
+    assert r.returncode != 0 and "not a model store tag" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert ("--model" if how == "--model" else "--from") in r.stderr and "EXTENDSERVE_MODEL=" not in r.stderr
+    assert (victim / "my-project" / "src" / "main.c").is_file() and (victim / "empty-folder").is_dir()

@@ -29,9 +29,33 @@ def store_name(name: str) -> str:
 
 
 def _versions_root(name: str) -> Path:
+    """The store's folder of model ``name``, for a name that is a valid tag name and only then: a
+    name is joined onto the store's path, so ``x/../../victim`` must never get here."""
     from bentoml._internal.configuration.containers import BentoMLContainer
 
-    return Path(BentoMLContainer.bentoml_home.get()) / "models" / name
+    if not _NAME.match(name) or len(name) > 63:
+        raise ExtendserveError(f"{name[:80]!r} is not a model store name (lowercase letters, digits, '-', '_' and '.')")
+    models = (Path(BentoMLContainer.bentoml_home.get()) / "models").resolve()
+    root = (models / name).resolve()
+    if root.parent != models:
+        raise ExtendserveError(f"{name!r}: the store's folder for it is outside the model store ({root})")
+    return root
+
+
+def check_tag(tag: str, source: str) -> str:
+    """``tag`` checked by BentoML's own tag rules before any file is touched (``source``: where it came
+    from, named in the error: ``--model``, ``EXTENDSERVE_MODEL=``)."""
+    from bentoml._internal.tag import Tag
+    from bentoml.exceptions import BentoMLException
+
+    try:
+        Tag.from_taglike(tag)
+    except (BentoMLException, ValueError):
+        raise ExtendserveError(f"{source}{tag!r} is not a model store tag: NAME:VERSION (or NAME:latest), lowercase "
+                               f"letters, digits, '-', '_' and '.', such as {DEFAULT_TAG}; see bentoml models list") from None
+    if not _NAME.match(tag.split(":")[0].lower()):
+        raise ExtendserveError(f"{source}{tag!r} is not a model store tag such as {DEFAULT_TAG}")
+    return tag
 
 
 def drop_broken_versions(name: str) -> list[str]:
@@ -40,10 +64,12 @@ def drop_broken_versions(name: str) -> list[str]:
     versions removed. Run before every save and when a service resolves a tag."""
     from .manifest import read_model_dir
 
+    if not name.startswith(PREFIX):
+        return []
     root, dropped = _versions_root(name), []
-    if not root.is_dir() or not name.startswith(PREFIX):
+    if not root.is_dir() or root.is_symlink():
         return dropped
-    for version in sorted(p for p in root.iterdir() if p.is_dir()):
+    for version in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         files = [f for f in version.rglob("*") if f.is_file()]
         if files and time.time() - max(f.stat().st_mtime for f in files) < SAVING_S:
             continue  # written a moment ago: maybe a save in progress in another process
@@ -123,13 +149,15 @@ def versions(name: str) -> int:
     return sum(1 for p in root.iterdir() if p.is_dir()) if root.is_dir() else 0
 
 
-def resolve(tag: str) -> tuple[str, Path]:
+def resolve(tag: str, source: str = "EXTENDSERVE_MODEL=") -> tuple[str, Path]:
     """A tag (``latest`` allowed) -> the concrete ``name:version`` and its folder, from the local
-    store only (no remote pull at start-up), or an error with the fix."""
+    store only (no remote pull at start-up), or an error with the fix (naming ``source``, where the
+    tag came from). The tag is checked before any file of the store is looked at."""
     import bentoml
     from bentoml.exceptions import BentoMLException, NotFound
 
-    drop_broken_versions(tag.split(":")[0])
+    check_tag(tag, source)
+    drop_broken_versions(tag.split(":")[0].lower())
     try:
         model = bentoml.models.get(tag)
     except NotFound:
@@ -141,7 +169,7 @@ def resolve(tag: str) -> tuple[str, Path]:
             "(make serve builds the demo), or import one: bentoml models import FILE.bentomodel; see bentoml models list"
         ) from None
     except (BentoMLException, ValueError) as e:
-        raise ExtendserveError(f"EXTENDSERVE_MODEL={tag!r}: {e}; give a tag such as {DEFAULT_TAG}") from None
+        raise ExtendserveError(f"{source}{tag!r}: {e}; give a tag such as {DEFAULT_TAG}") from None
     return str(model.tag), Path(model.path_of("manifest.json")).parent
 
 

@@ -81,7 +81,7 @@ def model_folder(given: str | None, option: str = "--model") -> tuple[Path, str 
     if ":" in given or given.startswith(PREFIX):
         from ..building.store import resolve
 
-        tag, folder = resolve(given if ":" in given else f"{given}:latest")
+        tag, folder = resolve(given if ":" in given else f"{given}:latest", f"{option} ")
         return folder, tag
     from ..building.store import did_you_mean
 
