@@ -115,8 +115,8 @@ def cgroup_memory(root: str = "/sys/fs/cgroup") -> int | None:
     return None
 
 
-# What a worker holds besides its model and its requests (onnxruntime's arena warmed to batch 8,
-# BentoML, Python: 331-344 MB RSS with the 20 MB default model after 16 clients for 10 s), and the
+# What a worker holds besides its model and its requests (onnxruntime's arena warmed to the CPU's
+# batch, BentoML, Python: 331-344 MB RSS with the 20 MB model after 16 clients for 10 s), and the
 # main process (128 MB, 158 MB at its peak), with some room: docs/benchmarks.md ("Memory").
 WORKER_BASE = 350 * MB
 MAIN_BASE = 160 * MB

@@ -119,10 +119,11 @@ class ServiceSettings:
         return budget, source
 
     def batch_for(self, device: str) -> int:
-        """The batcher's largest batch: the setting, else 32 on CUDA and 8 on the CPU. On this 2-core
-        EPYC one worker's onnxruntime runs 188, 173, 163 and 155 photos/s at batch 4, 8, 16 and 32 while
-        its arena grows to 164, 213, 310 and 500 MB (docs/benchmarks.md, "Memory")."""
-        return self.max_batch or (32 if device == "cuda" else 8)
+        """The batcher's largest batch: the setting, else 32 on CUDA and 4 on the CPU. On this 2-core
+        EPYC one worker's onnxruntime (one thread) runs as fast at batch 4 as at 1 and faster than at 8,
+        16 or 32 (167, 167, 151, 148, 140 photos/s) while its memory grows with the batch (150, 187,
+        238, 335, 528 MB): python bench/serving/worker_memory.py, docs/benchmarks.md."""
+        return self.max_batch or (32 if device == "cuda" else 4)
 
     def request_limit(self, budget: int) -> int:
         """Bytes a batch or /v2 body may hold: the setting, else at most half the budget (its photos
@@ -139,7 +140,7 @@ class ServiceSettings:
             raise ExtendserveError(f"EXTENDSERVE_ENGINE={engine!r} is not valid; give one of {', '.join(ENGINES)}")
         n = cores()
         workers = _number(env, "EXTENDSERVE_WORKERS", min(n, 4), int, 1, 64)
-        # 0: by device (see batch_for); a CPU serves no faster in batches over 8 and holds far more
+        # 0: by device (see batch_for); a CPU serves no faster in batches over 4 and holds far more
         max_batch = _number(env, "EXTENDSERVE_MAX_BATCH", 0, int, 0, 1024)
         max_request = int(_number(env, "EXTENDSERVE_MAX_REQUEST_MB", 256, float, 0.001, 65536) * 2**20)
         return cls(
