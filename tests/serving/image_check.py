@@ -90,7 +90,7 @@ class Container:
     def workers(self) -> list[int]:
         """The pids (inside the container) of BentoML's workers."""
         code = ("import os\n"
-                "for p in filter(str.isdigit, os.listdir('/proc')):\n"
+                "for p in set(filter(str.isdigit, os.listdir('/proc'))) - {str(os.getpid())}:\n"
                 "    try:\n"
                 "        cmd, stat = open(f'/proc/{p}/cmdline', 'rb').read(), open(f'/proc/{p}/stat').read()\n"
                 "    except OSError:\n"
