@@ -87,11 +87,17 @@ bench-unfreeze: install
 # The service as a container image (docker, else podman), holding MODEL (default the demo's, built
 # first if the store lacks it): extendserve:cpu from bentofile.cpu.yaml, extendserve:gpu from bentofile.yaml.
 MODEL ?= extendserve-default:latest
+# MODEL and BIN reach the script through the environment, never spliced into the recipe's shell line
+# (MODEL='x; cmd #' once ran cmd); the script refuses a MODEL that is not a store tag.
+image: export MODEL := $(MODEL)
+image: export BIN := $(BIN)
 image: install model image-deps
-	MODEL=$(MODEL) BIN=$(BIN) tools/image.sh cpu
+	tools/image.sh cpu
 
+image-gpu: export MODEL := $(MODEL)
+image-gpu: export BIN := $(BIN)
 image-gpu: install model image-deps
-	MODEL=$(MODEL) BIN=$(BIN) tools/image.sh gpu
+	tools/image.sh gpu
 
 # podman, runc and debootstrap from Debian's packages, where there is no Docker engine.
 image-deps:

@@ -11,6 +11,11 @@ cd "$(dirname "$0")/.."
 KIND=${1:-cpu}
 BIN=${BIN:-.venv/bin}
 MODEL=${MODEL:-extendserve-default:latest}
+# MODEL goes into commands: a store tag only (NAME:VERSION), never a word a shell would read
+if ! printf '%s' "$MODEL" | grep -Eq '^[a-z0-9]([a-z0-9._-]*[a-z0-9])?(:[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?)?$'; then
+    printf 'MODEL=%q is not a model store tag such as extendserve-default:latest (bentoml models list)\n' "$MODEL" >&2
+    exit 2
+fi
 TAG=${TAG:-extendserve:$KIND}
 case "$KIND" in
     cpu) BENTOFILE=bentofile.cpu.yaml ;;
@@ -45,6 +50,7 @@ BUILD_FILE=build/bentofile.$KIND.yaml
     echo "    value: /tmp/extendserve"
     echo "docker:"
     echo "  setup_script: deploy/image_setup.sh"
+    echo "  dockerfile_template: deploy/Dockerfile.template"
     if [ -n "$BASE" ]; then
         echo "  base_image: $BASE"
     fi

@@ -100,3 +100,30 @@ def check_plain(value: object, what: str, max_items: int = 200_000, max_depth: i
             stack.extend((x, depth + 1) for x in v)
         elif not (v is None or isinstance(v, (bool, int, float)) or leaf(v)):
             raise TooComplexError(f"{what}: refused: holds a {type(v).__name__}; only tensors and plain data are read")
+
+
+MAX_DEPTH = 32  # folders within folders under a data folder; past it, a mistake to name, not a walk to make
+
+
+def walk(root: str | os.PathLike[str], max_depth: int = MAX_DEPTH) -> list[Path]:
+    """Everything under ``root`` (files, folders, links), sorted, without recursion (Path.rglob
+    recursed: a folder nested 1,500 deep was a RecursionError traceback) and without entering linked
+    folders; a folder nested deeper than ``max_depth`` is an error naming it."""
+    root = Path(root)
+    found: list[Path] = []
+    todo = [(root, 0)]
+    while todo:
+        folder, depth = todo.pop()
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        for p in entries:
+            found.append(p)
+            if p.is_dir() and not p.is_symlink():
+                if depth + 1 > max_depth:
+                    where = str(folder.relative_to(root))
+                    raise ExtendserveError(f"{root}: folders are nested over {max_depth} deep (under {where[:120]}...); "
+                                           "a data folder holds one folder of photos per class, with its photos in it")
+                todo.append((p, depth + 1))
+    return sorted(found)

@@ -17,6 +17,16 @@ MAX_NAME_CHARS = 200
 _REFUSED = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 
 
+def escaped(text: str) -> str:
+    """``text`` with control and invisible characters written as escapes (``\\x1b``, ``\\n``,
+    ``\\u202e``): a name from a user's files, printed to a terminal or a log, can neither run an
+    escape sequence (clear the screen, hide what follows) nor forge a line of its own."""
+    if text.isprintable():
+        return text
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) in _REFUSED else ch
+                   for ch in text)
+
+
 def name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a class name, or None."""
     if not isinstance(name, str) or not name.strip():

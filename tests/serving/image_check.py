@@ -248,3 +248,19 @@ def test_a_worker_killed_in_the_pod_is_replaced(box):
     assert box.info()["workers"]["warm"] == len(before)
     photo, label = the_photo()
     assert classify(box.url, photo)[1]["predictions"][0]["label"] == label
+
+
+def test_the_serving_user_cannot_change_what_it_runs(box):
+    """The code, the model and site-packages belong to root, not writable by the serving user: a
+    writable root filesystem would be no worse than the read-only one."""
+    code = ("import os, sys\n"
+            "bad = []\n"
+            "for top in ('/home/bentoml/bento', '/app/.venv'):\n"
+            "    for d, dirs, files in os.walk(top):\n"
+            "        for p in [d] + [os.path.join(d, f) for f in files]:\n"
+            "            st = os.lstat(p)\n"
+            "            if not os.path.islink(p) and (st.st_uid != 0 or st.st_mode & 0o022):\n"
+            "                bad.append(p)\n"
+            "print(len(bad), bad[:5])")
+    out = box.exec("python3", "-c", code)
+    assert out.startswith("0 "), out

@@ -21,7 +21,11 @@ PROJECT = str(_CHECKOUT) if (_CHECKOUT / "bentofile.yaml").is_file() else None
 
 
 def err(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
+    """A message on stderr, each line's control characters escaped (names from users' files travel
+    in messages: an ESC in a file name must not clear the screen)."""
+    from ..names import escaped
+
+    sys.stderr.write("\n".join(escaped(line) for line in msg.split("\n")) + "\n")
     sys.stderr.flush()
 
 

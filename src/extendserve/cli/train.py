@@ -36,11 +36,14 @@ def _negatives_and_world(a: argparse.Namespace, base: Any, fx: Any) -> tuple[Any
 
 
 def _shown(path: Any, root: str) -> str:
-    """A photo as the user knows it: its path under the data folder (no machine paths in a head)."""
+    """A photo as the user knows it: its path under the data folder (no machine paths in a head),
+    control characters escaped (a file name is printed in WARNING lines)."""
+    from ..names import escaped
+
     try:
-        return str(Path(path).relative_to(root))
+        return escaped(str(Path(path).relative_to(root)))
     except ValueError:
-        return Path(path).name
+        return escaped(Path(path).name)
 
 
 def photo_digests(files: list[Any]) -> list[str]:

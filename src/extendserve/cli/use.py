@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ExtendserveError
+from ..names import escaped
 from .common import model_folder
 
 
@@ -36,9 +37,9 @@ def cmd_predict(a: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
-            print(r["image"])
+            print(escaped(str(r["image"])))
             if "error" in r:
-                print(f"  error: {r['error']}")
+                print(f"  error: {escaped(str(r['error']))}")
                 continue
             for p in r["predictions"]:
                 print(f"  {p['score']:7.2%}  {p['label']:<40} [{p['head']}]")

@@ -17,7 +17,8 @@ from PIL import Image
 
 from ..config import PreprocessConfig
 from ..errors import BadImageError
-from ..files import FileReadError, read_regular_file
+from ..files import FileReadError, read_regular_file, walk
+from ..names import escaped
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
 MAX_PIXELS = int(os.environ.get("EXTENDSERVE_MAX_PIXELS", 64_000_000))
@@ -213,7 +214,7 @@ def is_hidden(path: Path, root: Path) -> bool:
 def list_images(folder: str | os.PathLike[str], recursive: bool = True) -> list[Path]:
     """Photo files (by extension) under ``folder``, sorted, hidden files and folders left out."""
     root = Path(folder)
-    found = root.rglob("*") if recursive else root.iterdir()
+    found = walk(root) if recursive else root.iterdir()
     return sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_EXTS and not is_hidden(p, root))
 
 
@@ -222,11 +223,11 @@ def read_photo(path: str | os.PathLike[str]) -> bytes:
     try:
         return read_regular_file(path, MAX_FILE_BYTES, "photo")
     except FileReadError as e:
-        raise BadImageError(f"{e} (EXTENDSERVE_MAX_FILE_BYTES)" if "limit" in str(e) else str(e)) from None
+        raise BadImageError(escaped(f"{e} (EXTENDSERVE_MAX_FILE_BYTES)" if "limit" in str(e) else str(e))) from None
 
 
 def load_image(path: str | os.PathLike[str], min_side: int | None = None) -> Image.Image:
-    return decode(read_photo(path), str(path), min_side)
+    return decode(read_photo(path), escaped(str(path)), min_side)
 
 
 def prepare_file(path: str | os.PathLike[str], cfg: PreprocessConfig) -> np.ndarray:

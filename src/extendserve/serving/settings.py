@@ -121,8 +121,8 @@ class ServiceSettings:
     def batch_for(self, device: str) -> int:
         """The batcher's largest batch: the setting, else 32 on CUDA and 4 on the CPU. On this 2-core
         EPYC one worker's onnxruntime (one thread) runs as fast at batch 4 as at 1 and faster than at 8,
-        16 or 32 (167, 167, 151, 148, 140 photos/s) while its memory grows with the batch (150, 187,
-        238, 335, 528 MB): python bench/serving/worker_memory.py, docs/benchmarks.md."""
+        16 or 32 (181, 188, 171, 160, 145 photos/s) while its memory grows with the batch (148, 175,
+        234, 321, 516 MB): python bench/serving/worker_memory.py, docs/benchmarks.md."""
         return self.max_batch or (32 if device == "cuda" else 4)
 
     def request_limit(self, budget: int) -> int:

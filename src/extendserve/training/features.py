@@ -22,7 +22,7 @@ from PIL import Image
 from ..bases.base import PIXELS, Base
 from ..config import PreprocessConfig, cache_root
 from ..errors import BadImageError, ExtendserveError
-from ..files import write_atomic
+from ..files import walk, write_atomic
 from ..photos.preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_photo, resize_shorter
 from ..progress import eta, progress
 
@@ -67,7 +67,7 @@ def scan_folder(root: str | os.PathLike[str]) -> Dataset:
             ds.skipped.append((str(p), "a photo beside the class folders belongs to no class; move it into "
                                        "the folder of its class"))
     for ci, c in enumerate(classes):
-        for p in sorted((root / c).rglob("*")):
+        for p in walk(root / c):
             if is_hidden(p, root):
                 continue
             if p.is_symlink() and not p.exists():

@@ -219,6 +219,11 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
 
         report.checks |= strangers_named(fit_without, lambda h, f: score_features(base, h, f), feats[:, 0], labels,
                                          len(classes), len(base.labels), s.seed) or {}
+    elif len(classes) > s.check_strangers:
+        report.warnings.append(
+            f"strangers not measured: {len(classes)} classes is over the {s.check_strangers} for which train-head "
+            "leaves each class out in turn (it fits one head per class left out); how often a stranger is named as "
+            "one of your classes is unknown for this head")
     head = fit(base, feats, labels, classes, s, "training", negatives, background)
     report.seconds = time.time() - t0
     return head, report
