@@ -1,4 +1,5 @@
-"""Bounded Prometheus series: BentoML's HTTP series labelled by route, never by the raw path.
+"""The outermost hook: BentoML's HTTP series labelled by route, never by the raw path, and a
+Content-Type no middleware behind it can read refused before they try.
 
 BentoML's traffic middleware labels every request with ``scope["path"]`` as sent, so each distinct
 URL made new series in every worker's multiprocess files: 20,000 GETs of random paths took a worker
@@ -9,8 +10,11 @@ app behind it the path as sent. No torch here.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
+
+log = logging.getLogger("extendserve")
 
 ROUTES = {"/", "/classify", "/classify_batch", "/info", "/ui", "/docs", "/docs.json", "/schema.json", "/healthz",
           "/livez", "/readyz", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"}
@@ -32,6 +36,21 @@ def route_of(path: str) -> str:
     return OTHER
 
 
+def _ascii_content_type(scope: Any) -> bool:
+    return all(v.isascii() for k, v in scope.get("headers") or [] if k.lower() == b"content-type")
+
+
+async def _refuse_content_type(scope: Any, receive: Any, send: Any) -> None:
+    """A Content-Type with a byte past ASCII: BentoML's access log and the apps behind it decode it
+    as UTF-8 and failed (200 with an empty body, two tracebacks at ERROR). Answered here, outermost,
+    before any of them reads it: 400, one WARNING line."""
+    from starlette.responses import JSONResponse
+
+    msg = "the Content-Type header holds bytes that are not ASCII; send a plain media type such as image/jpeg"
+    log.warning("400: %s", msg)
+    await JSONResponse({"error": msg}, status_code=400)(scope, receive, send)
+
+
 def bound_bentoml_metrics() -> None:
     """Make BentoML's traffic middleware label by :func:`route_of` (called before its app is built)."""
     from bentoml._internal.server.http import instruments
@@ -50,6 +69,8 @@ def bound_bentoml_metrics() -> None:
             super().__init__(as_sent, **kwargs)
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope.get("type") == "http" and not _ascii_content_type(scope):
+                return await _refuse_content_type(scope, receive, send)
             if scope.get("type") in ("http", "websocket"):
                 route = route_of(scope.get("path", ""))
                 if route != scope.get("path"):

@@ -54,12 +54,16 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers={"retry-after": "1"} if status == 503 else None)
 
 
-def _model(name: str) -> Any:
-    """The service if ``name`` is the model it serves, else a ProtocolError (404)."""
+def _model(name: str, version: str | None = None) -> Any:
+    """The service if ``name`` (and ``version``, when given) is the model it serves, else a
+    ProtocolError: 404 for another model, 400 for a version it does not have (as Triton answers)."""
     svc = bentoml.get_current_service()
     if name != svc.v2_name:
         raise ProtocolError(404, f"no model {name[:80]!r} here; this server serves {svc.v2_name!r} (GET /v2/models/"
                                  f"{svc.v2_name})")
+    if version is not None and version != svc.v2_version:
+        raise ProtocolError(400, f"no version {version[:40]!r} of model {name[:80]!r}; this server serves version "
+                                 f"{svc.v2_version!r} (GET /v2/models/{svc.v2_name})")
     return svc
 
 
@@ -84,7 +88,7 @@ async def ready() -> Any:
 @router.get("/models/{name}", response_model=None)
 @router.get("/models/{name}/versions/{version}", response_model=None)
 async def metadata(name: str, version: str | None = None) -> Any:
-    svc = _model(name)
+    svc = _model(name, version)
     crop, classes = svc.model.preprocess.crop, len(svc.model.labels)
     return model_metadata(svc.v2_name, svc.v2_version, crop, classes)
 
@@ -92,7 +96,7 @@ async def metadata(name: str, version: str | None = None) -> Any:
 @router.get("/models/{name}/ready", response_model=None)
 @router.get("/models/{name}/versions/{version}/ready", response_model=None)
 async def model_ready(name: str, version: str | None = None) -> Any:
-    svc = _model(name)
+    svc = _model(name, version)
     return {"name": name, "ready": True} if svc.__is_ready__() else _error(503, "not ready: still warming up")
 
 
@@ -100,10 +104,7 @@ async def model_ready(name: str, version: str | None = None) -> Any:
 @router.post("/models/{name}/versions/{version}/infer", response_model=None)
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """Photos (BYTES ``image``) or pixels (UINT8 ``pixels``) -> ``scores`` and ``logits``."""
-    svc = _model(name)
-    if version is not None and version != svc.v2_version:
-        raise ProtocolError(404, f"no version {version[:40]!r} of {name[:80]!r}; this server serves version "
-                                 f"{svc.v2_version!r} (GET /v2/models/{svc.v2_name})")
+    svc = _model(name, version)
     body, length = await request.body(), request.headers.get(HEADER_LENGTH)
     crop, rows = svc.model.preprocess.crop, svc.settings.max_batch_photos
     values = json_values(body, length)  # counted before a byte is parsed, its cost taken from the budget

@@ -59,5 +59,9 @@ echo "building the bento of $MODEL ($BENTOFILE)"
 BENTO=$(EXTENDSERVE_MODEL="$MODEL" EXTENDSERVE_ENGINE=onnxruntime "$BIN/bentoml" build -f "$BUILD_FILE" -o tag . | tail -1)
 BENTO=${BENTO#__tag__:}
 echo "containerizing $BENTO as $TAG with $ENGINE"
-"$BIN/bentoml" containerize "$BENTO" -t "$TAG" --backend "$ENGINE" --opt network=host
+# Run from the temporary folder: containerize reads the packed Dockerfile.template from its context
+# there and refuses a file outside the working directory (BentoML 1.4's resolve_user_filepath).
+BENTOML_BIN=$(cd "$BIN" && pwd)/bentoml
+TMP=$("$BIN/python" -c 'import tempfile; print(tempfile.gettempdir())')
+(cd "$TMP" && "$BENTOML_BIN" containerize "$BENTO" -t "$TAG" --backend "$ENGINE" --opt network=host)
 $ENGINE image inspect "$TAG" --format '{{.Size}}' | awk -v t="$TAG" '{printf "%s: %.0f MB\n", t, $1 / 1e6}'

@@ -182,3 +182,36 @@ def test_build_from_a_folder_into_another_says_it_makes_a_new_store_model(built_
     r = run_cli("build", "--from", str(built_model), "-o", str(tmp_path / "m2"))
     assert "a new store model" in r.stdout and "extendserve-m2" in r.stdout
     assert "bentoml serve " + str(ROOT) in r.stdout  # the serve hint works from any folder
+
+
+def test_file_names_are_printed_with_their_control_characters_escaped(tmp_path):
+    """A photo named with ESC[2J cleared the screen (and the WARNING lines above), ESC[8m hid what
+    followed, and a newline forged a `strangers: 0% (all clear)` line. Names are printed escaped."""
+    root = tmp_path / "photos"
+    for kind, name in enumerate(["discs", "stripes"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            synthetic_photo(kind, 40 * kind + i).save(root / name / f"{i}.jpg")
+    evil = "x\x1b[2J\x1b[8m\nstrangers: 0% (all clear).jpg"
+    (root / "discs" / evil).write_bytes(b"not a photo")
+    (root / "discs" / evil.replace(".jpg", "-copy.jpg")).write_bytes((root / "stripes" / "0.jpg").read_bytes())
+    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"))
+    out = r.stdout + r.stderr
+    assert "\x1b" not in out and "\\x1b[2J" in out, out
+    assert not any(line.startswith("strangers: 0% (all clear)") for line in out.splitlines()), out
+    r = run_cli("predict", "--model", str(tmp_path / "nowhere"), str(root / "discs" / evil), check=False)
+    assert "\x1b" not in r.stdout + r.stderr
+
+
+def test_a_folder_nested_1500_deep_is_a_one_line_error(tmp_path):
+    """It was a RecursionError traceback (Path.rglob recursed)."""
+    root = tmp_path / "photos"
+    synthetic_photo(0, 1).save((root / "discs").mkdir(parents=True) or root / "discs" / "0.jpg")
+    deep = root / "stripes"
+    deep.mkdir()
+    for _ in range(1500):  # one level at a time: os.makedirs recurses too
+        deep = deep / "d"
+        deep.mkdir()
+    synthetic_photo(1, 1).save(root / "stripes" / "0.jpg")
+    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"), check=False)
+    assert r.returncode != 0 and "nested over" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

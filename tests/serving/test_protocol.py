@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import jpeg_bytes, synthetic_photo
-from test_service import Server, raw_post
+from test_service import Server, raw_post, read_reply
 
 tritonclient = pytest.importorskip("tritonclient.http")
 
@@ -128,3 +128,80 @@ def test_a_non_photo_over_tritonclient_is_a_4xx(server, built_model):
     with pytest.raises(InferenceServerException) as e:
         client.infer(built_model.name, [inp])
     assert "not a recognised image format" in str(e.value) and e.value.status() == "400"
+
+
+def post_with(server, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    req = urllib.request.Request(server.url + path, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def one_pixel_row() -> list[int]:
+    return [7] * (224 * 224 * 3)
+
+
+@pytest.mark.parametrize("case", ["superscript two", "4301 digits", "a shape past int64"])
+def test_what_once_made_a_500_is_a_4xx(server, built_model, case):
+    """Round 3: `Inference-Header-Content-Length: ²` (a digit to isdigit(), not to int()), the same
+    header as 4,301 digits (Python's int limit), and pixels of shape [2**54 + 1, 224, 224, 3] (np.prod
+    wrapped in int64) were 500s."""
+    path = f"/v2/models/{built_model.name}/infer"
+    if case == "a shape past int64":
+        payload = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2**54 + 1, 224, 224, 3],
+                               "data": one_pixel_row()}]}
+        status, body = post_json(server, path, payload)
+    else:
+        head = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                       "parameters": {"binary_data_size": 4}}]}).encode()
+        length = "\u00b2" if case == "superscript two" else "9" * 4301
+        req = urllib.request.Request(server.url + path, data=head + b"\0\0\0\0", method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+        req.add_unredirected_header("Inference-Header-Content-Length", length.encode("utf-8").decode("latin-1"))
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, body = r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            status, body = e.code, json.loads(e.read())
+    assert status in (400, 413) and "error" in body, (status, body)
+
+
+@pytest.mark.parametrize("inputs, words", [
+    ([{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]},
+      {"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AAAA"]}], "two 'image' inputs"),
+    ([{"name": "pixels", "datatype": "UINT8", "shape": [1, 224, 224, 3], "data": [7.5] * (224 * 224 * 3)}], "decimals"),
+    ([{"name": "pixels", "datatype": "UINT8", "shape": [1, 224, 224, 3], "data": ["7"] * (224 * 224 * 3)}], "strings"),
+    ([{"name": "pixels", "datatype": "UINT8", "shape": [1, 224, 224, 3], "data": [True] * (224 * 224 * 3)}], "true/false"),
+])
+def test_the_protocol_refuses_what_triton_refuses(server, built_model, inputs, words):
+    """Two image inputs (the first was dropped), float/string/boolean pixels (truncated to uint8):
+    each a 400 with the protocol's error."""
+    status, body = post_json(server, f"/v2/models/{built_model.name}/infer", {"inputs": inputs})
+    assert status == 400 and words in body["error"], (status, body)
+
+
+def test_false_is_false_and_an_unknown_version_is_refused(server, built_model):
+    payload = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(disc()).decode()]}],
+               "outputs": [{"name": "scores", "parameters": {"binary_data": "false"}}]}
+    status, body = post_json(server, f"/v2/models/{built_model.name}/infer", payload)
+    assert status == 400 and "binary_data" in body["error"], body
+    payload["outputs"] = [{"name": "scores", "parameters": {"binary_data": False}}]
+    status, body = post_json(server, f"/v2/models/{built_model.name}/versions/no-such-version/infer", payload)
+    assert status == 400 and "no-such-version" in body["error"], body
+    assert get(server, f"/v2/models/{built_model.name}/versions/no-such-version")[0] == 400
+
+
+def test_a_content_type_past_ascii_is_a_400_in_one_line(server, built_model):
+    """A non-UTF-8 byte in Content-Type once got 200 with an empty body and two tracebacks at ERROR."""
+    import socket
+
+    for raw in (b"GET /info HTTP/1.1\r\nHost: x\r\nContent-Type: a\xffb\r\n\r\n",
+                b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jp\xffeg\r\nContent-Length: 5\r\n\r\nhello"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(raw)
+            reply = read_reply(sock)
+        assert reply.startswith("HTTP/1.1 400") and "not ASCII" in reply, reply[:300]
+    server.wait_in_log("400: the Content-Type header holds bytes that are not ASCII")
+    assert "Traceback" not in server.logs()

@@ -848,3 +848,14 @@ def test_min_score_and_the_heads_checks_over_http(server):
     head = info["heads"][1]
     assert 0 <= head["checks"]["strangers_named"] <= 1 and "trained_on" not in head and head["trained_on_photos"] == 12
     assert info["min_score"] is None
+
+
+@pytest.mark.parametrize("boundary", ['"a;b"', '"ends in a space "', '"plain"'])
+def test_a_quoted_boundary_is_read_as_rfc_2046_says(server, boundary):
+    """A quoted boundary holding ';' or ending in a space was written back unquoted for BentoML,
+    which then read another boundary: a 500. The form is parsed once now, at the edge."""
+    b = boundary.strip('"')
+    body = (f'--{b}\r\nContent-Disposition: form-data; name="image"; filename="d.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode() + disc() + f"\r\n--{b}--\r\n".encode()
+    status, out = raw_post(server, body, f"multipart/form-data; boundary={boundary}")
+    assert status == 200 and out["predictions"][0]["label"] == "red discs", out

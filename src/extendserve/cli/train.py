@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ExtendserveError
+from ..names import escaped
 from .common import background_line, base_from_args, err, warn_if_takes_world, weights_settings
 
 
@@ -22,7 +23,7 @@ def _negatives_and_world(a: argparse.Namespace, base: Any, fx: Any) -> tuple[Any
         nds = list_images(a.negatives) if Path(a.negatives).is_dir() else []
         if not nds:
             raise ExtendserveError(f"--negatives {a.negatives}: not a folder with photos")
-        neg, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {p}: {why}"))
+        neg, _, nhits = fx.extract(nds, on_skip=lambda p, why: err(f"skipped negative {escaped(str(p))}: {escaped(why)}"))
         err(f"negatives: {len(neg)} photos ({nhits} cached)")
     world = background_for(base, None if neg is None else neg[:, 0])  # judged against it, whatever the method
     if a.method == "calibrated":
@@ -38,8 +39,6 @@ def _negatives_and_world(a: argparse.Namespace, base: Any, fx: Any) -> tuple[Any
 def _shown(path: Any, root: str) -> str:
     """A photo as the user knows it: its path under the data folder (no machine paths in a head),
     control characters escaped (a file name is printed in WARNING lines)."""
-    from ..names import escaped
-
     try:
         return escaped(str(Path(path).relative_to(root)))
     except ValueError:
@@ -129,7 +128,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     feats, ok, hits = fx.extract(ds.files, on_skip=lambda p, why: skipped.append((p, why)))
     t_feat = time.time() - t0
     for p, why in skipped:
-        err(f"skipped {p}: {why}")
+        err(f"skipped {escaped(str(p))}: {escaped(why)}")
     labels = np.array([ds.labels[i] for i in ok], dtype=np.int64)
     neg, world = _negatives_and_world(a, base, fx)
     del fx  # its onnxruntime session and arena are not needed for the fit
