@@ -235,7 +235,8 @@ def main() -> None:
         f"\n\nIn-process (decode + model, 2 threads, batch 8): {rate_in:.1f} photos/s"
         + (f"; extendserve over HTTP: {ext['rate'] / rate_in:.2f} of it" if ext else "")
         + f". Same top-1 from every server on all {len(data)} photos: {'yes' if same else 'NO'}. "
-        f"Photos: the first {len(data)} of {source}; {args.clients} clients (wrk, 2 threads) for {args.seconds} s after a 5 s warm-up, one "
+        f"Photos: the first {len(data)} of {source}; "
+        f"{args.clients} clients (wrk, 2 threads) for {args.seconds} s after a 5 s warm-up, one "
         "server at a time; 2 workers or replicas, 2 onnxruntime threads in all. Memory: every process of the "
         "server after the load (RSS summed; PSS splits shared pages).")
     print(body_md)

@@ -213,5 +213,10 @@ def test_a_folder_nested_1500_deep_is_a_one_line_error(tmp_path):
         deep = deep / "d"
         deep.mkdir()
     synthetic_photo(1, 1).save(root / "stripes" / "0.jpg")
-    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"), check=False)
+    try:
+        r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"), check=False)
+    finally:
+        while deep != root / "stripes":  # deepest first: shutil.rmtree (and pytest's clean-up) recurse too
+            deep.rmdir()
+            deep = deep.parent
     assert r.returncode != 0 and "nested over" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

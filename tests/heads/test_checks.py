@@ -112,3 +112,31 @@ def test_min_score_answers_unknown_first(built_model, synthetic_head, tmp_path):
     r = run_cli("build", "--new-head", str(synthetic_head), "-o", str(tmp_path / "n"), "--no-store", "--min-score", "2",
                 check=False)
     assert r.returncode != 0 and "--min-score" in r.stderr
+
+
+@needs_shared
+def test_an_edited_copy_filed_under_another_class_is_flagged(base, tmp_path):
+    """A mirrored, cropped (15%), brightened copy of one person's photo filed under another person
+    was not flagged (exact copies were); the copies check now compares the mirrored and whole views
+    too, at a threshold above what different people's photos reach in this folder."""
+    from PIL import Image, ImageEnhance
+
+    root = tmp_path / "celebs"
+    for d in CELEBS.iterdir():
+        shutil.copytree(d, root / d.name)
+    original = sorted((root / "Madonna").iterdir())[0]
+    im = Image.open(original).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    w, h = im.size
+    im = ImageEnhance.Brightness(im.crop((int(0.08 * w), int(0.07 * h), int(0.93 * w), int(0.92 * h)))).enhance(1.25)
+    im.save(root / "Ben Afflek" / "zz_copy.jpg", quality=85)
+    ds = scan_folder(root)
+    feats, ok, _ = FeatureExtractor(base).extract(ds.files)
+    names = [str(ds.files[i].relative_to(root)) for i in ok]
+    labels = np.array([ds.labels[i] for i in ok])
+    centre = feats[:, 0]
+    probs = np.full((len(ok), 3), 1 / 3)
+    found = suspicious(centre, labels, ds.classes, names, probs, ["x", "y", "z"], feats)
+    assert {x["file"] for x in found} == {"Ben Afflek/zz_copy.jpg", str(original.relative_to(root))}, found
+    assert any("near-copy of Ben Afflek/zz_copy.jpg" in x["why"] for x in found), found
+    before = suspicious(centre, labels, ds.classes, names, probs, ["x", "y", "z"])  # the centre view alone
+    assert not any("near-copy" in x["why"] for x in before)

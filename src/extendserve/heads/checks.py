@@ -23,7 +23,9 @@ import numpy as np
 
 OUTLIER_Z = 5.0
 MAD_FLOOR = 0.04
-DUPLICATE_COS = 0.98
+DUPLICATE_COS = 0.98  # a pair at least this alike is always a copy
+COPY_MIN = 0.92  # ... and never one under this
+COPY_MARGIN = 0.02  # between: above the 99.9th percentile of different classes' pairs by this
 MAX_LEFT_OUT = 8
 STRANGERS_WARN = 0.30
 
@@ -32,9 +34,39 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+COPY_VIEWS = (0, 1, 10, 11)  # centre, centre mirrored, whole photo, whole photo mirrored (training.features.VIEWS)
+
+
+def near_copy_scores(a: np.ndarray, b: np.ndarray, views: bool = True) -> np.ndarray:
+    """How alike each photo of ``a`` is to each of ``b`` ([n, views, D] features) as a copy: the
+    best cosine of the power-transformed features over a's centre and whole views against b's
+    centre, whole and mirrored views, so a mirrored, cropped or re-lit copy still scores as one
+    (``views=False``: the centre views alone)."""
+    if not views or a.shape[1] <= max(COPY_VIEWS) or b.shape[1] <= max(COPY_VIEWS):
+        xa, xb = _unit(np.sqrt(np.maximum(a[:, 0], 0))), _unit(np.sqrt(np.maximum(b[:, 0], 0)))
+        return xa @ xb.T
+    xa = _unit(np.sqrt(np.maximum(a[:, [COPY_VIEWS[0], COPY_VIEWS[2]]], 0)))  # [n, 2, D]
+    xb = _unit(np.sqrt(np.maximum(b[:, list(COPY_VIEWS)], 0)))  # [m, 4, D]
+    sims = xa.reshape(-1, xa.shape[-1]) @ xb.reshape(-1, xb.shape[-1]).T
+    return sims.reshape(len(a), 2, len(b), len(COPY_VIEWS)).max(axis=(1, 3))
+
+
+def copy_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The near-copy score a pair of photos of two classes must reach: above what photos of different
+    classes of this folder reach (their 99.9th percentile, plus COPY_MARGIN), within COPY_MIN ..
+    DUPLICATE_COS. Faces and garments differ from class to class (a copy is flagged from 0.92);
+    hand signs on one plain background reach 0.96 between classes, where only closer copies are
+    told apart (python bench/heads/near_copies.py)."""
+    cross = scores[np.triu(labels[:, None] != labels[None], 1)]
+    if not cross.size:
+        return DUPLICATE_COS
+    return float(np.clip(np.quantile(cross, 0.999) + COPY_MARGIN, COPY_MIN, DUPLICATE_COS))
+
+
 def suspicious(centre: np.ndarray, labels: np.ndarray, classes: list[str], names: list[str],
-               base_probs: np.ndarray, base_labels: list[str]) -> list[dict[str, Any]]:
-    """The photos that look out of place (their row, file name and class), each with its reason."""
+               base_probs: np.ndarray, base_labels: list[str], views: np.ndarray | None = None) -> list[dict[str, Any]]:
+    """The photos that look out of place (their row, file name and class), each with its reason.
+    ``views``: every photo's view features [n, views, D], for copies mirrored, cropped or re-lit."""
     x = _unit(np.sqrt(np.maximum(centre, 0)))
     found: dict[int, str] = {}
     cents = np.stack([_unit(x[labels == c].sum(0)) if (labels == c).any() else np.zeros(x.shape[1])
@@ -64,8 +96,10 @@ def suspicious(centre: np.ndarray, labels: np.ndarray, classes: list[str], names
                         f"other photos of '{classes[c]}'")
         else:
             found[i] = f"unlike the other photos of '{classes[c]}'"
-    sim = x @ x.T
-    a, b = np.nonzero(np.triu(sim >= DUPLICATE_COS, 1) & (labels[:, None] != labels[None]))
+    sim = near_copy_scores(views, views) if views is not None else x @ x.T
+    sim = np.maximum(sim, sim.T)  # a copy of either way round
+    limit = copy_threshold(sim, labels) if views is not None else DUPLICATE_COS
+    a, b = np.nonzero(np.triu(sim >= limit, 1) & (labels[:, None] != labels[None]))
     for i, j in zip(a, b):
         for p, q in ((i, j), (j, i)):
             found.setdefault(int(p), f"a near-copy of {names[q]} in '{classes[labels[q]]}'")

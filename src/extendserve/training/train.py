@@ -142,7 +142,7 @@ def _set_aside_suspicious(base: Base, feats: np.ndarray, labels: np.ndarray, cla
     centre = feats[:, 0]
     logits = centre @ base.weight.T + base.bias
     p = np.exp(logits - logits.max(1, keepdims=True))
-    report.suspicious = suspicious(centre, labels, classes, names, p / p.sum(1, keepdims=True), base.labels)
+    report.suspicious = suspicious(centre, labels, classes, names, p / p.sum(1, keepdims=True), base.labels, feats)
     if not report.suspicious or s.keep_suspicious:
         return feats, labels
     out = {x["index"] for x in report.suspicious}
