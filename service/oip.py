@@ -112,23 +112,7 @@ def parse_infer(body: bytes, header_length: str | None, crop: int, classes: int,
             raw, offset = rest[offset : offset + size], offset + size
         elif "data" not in inp:
             raise ProtocolError(400, f"input {inp['name']}: no 'data' and no binary_data_size; give one")
-        shape = _shape(inp)
-        if shape and shape[0] > max_rows:  # before a single element is read
-            raise ProtocolError(413, f"input {inp['name']}: shape {shape[:4]} holds {shape[0]} rows, over the limit of "
-                                     f"{max_rows} (EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
-        if inp["name"] == "image" and out.photos:
-            raise ProtocolError(400, "two 'image' inputs; give one, with one element a photo")
-        if inp["name"] == "pixels" and out.pixels is not None:
-            raise ProtocolError(400, "two 'pixels' inputs; give one, with one row a photo")
-        if inp["name"] == "image":
-            if inp.get("datatype") != "BYTES":
-                raise ProtocolError(400, "input image: datatype must be BYTES (one encoded photo a row)")
-            out.photos = _bytes_elements(raw, max_rows) if raw is not None else _base64_elements(inp["data"], max_rows)
-            if not shape or shape[0] != len(out.photos) or math.prod(shape) != len(out.photos):
-                raise ProtocolError(400, f"input image: shape {shape} does not hold the {len(out.photos)} photos sent; "
-                                         "give shape [n] (or [n, 1]) for n photos")
-        else:
-            out.pixels = _pixels(inp, raw, shape, crop)
+        _read_input(inp, raw, out, crop, max_rows)
     if offset != len(rest):
         raise ProtocolError(400, f"{len(rest) - offset} bytes of binary data after the inputs that no input declares")
     if out.photos and out.pixels is not None:
@@ -140,6 +124,27 @@ def parse_infer(body: bytes, header_length: str | None, crop: int, classes: int,
                                  "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
     out.outputs = _outputs(req, classes)
     return out
+
+
+def _read_input(inp: dict[str, Any], raw: bytes | None, out: InferRequest, crop: int, max_rows: int) -> None:
+    """One input (``raw``: its binary data, if sent so) into ``out``, its rows counted first."""
+    shape = _shape(inp)
+    if shape and shape[0] > max_rows:  # before a single element is read
+        raise ProtocolError(413, f"input {inp['name']}: shape {shape[:4]} holds {shape[0]} rows, over the limit of "
+                                 f"{max_rows} (EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
+    if inp["name"] == "image" and out.photos:
+        raise ProtocolError(400, "two 'image' inputs; give one, with one element a photo")
+    if inp["name"] == "pixels" and out.pixels is not None:
+        raise ProtocolError(400, "two 'pixels' inputs; give one, with one row a photo")
+    if inp["name"] == "image":
+        if inp.get("datatype") != "BYTES":
+            raise ProtocolError(400, "input image: datatype must be BYTES (one encoded photo a row)")
+        out.photos = _bytes_elements(raw, max_rows) if raw is not None else _base64_elements(inp["data"], max_rows)
+        if not shape or shape[0] != len(out.photos) or math.prod(shape) != len(out.photos):
+            raise ProtocolError(400, f"input image: shape {shape} does not hold the {len(out.photos)} photos sent; "
+                                     "give shape [n] (or [n, 1]) for n photos")
+    else:
+        out.pixels = _pixels(inp, raw, shape, crop)
 
 
 def _shape(inp: dict[str, Any]) -> list[int]:

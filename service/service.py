@@ -27,14 +27,15 @@ try:
 except ImportError:  # inside a bento built from a source checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from extendserve.errors import BadImageError, ExtendserveError
-from extendserve.photos.preprocess import decode_cost
+from extendserve.errors import ExtendserveError
 from extendserve.serving.batching import MicroBatcher
-from extendserve.serving.budget import MemoryBudget, OverBudget
+from extendserve.serving.budget import MemoryBudget
+from extendserve.serving.readiness import ReadyMarks, replace_dead_workers
 from extendserve.serving.runtime import Model
-from extendserve.serving.served import ReadyMarks, engine_choice, resolve_served_model
+from extendserve.serving.served import engine_choice, resolve_served_model
 from extendserve.serving.settings import ServiceSettings
 
+from .decoding import Decoding
 from .edge import ClientError, HttpEdge, answers_client_errors
 from .metrics import bound_bentoml_metrics
 from .schema import Classification, Info, MinScore, TopK, info_payload, with_description
@@ -55,22 +56,15 @@ def _stop(msg: str) -> None:
 # photo (make burst: +6-10% growth over 1500 requests in six runs, +3-5% in two runs with two arenas).
 os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 UI_PAGE = Path(__file__).with_name("ui.html")
-# BentoML turns circus' respawn off in a container (BENTOML_CONTAINERIZED), leaving it to the
-# orchestrator; but its /livez still answers 200 from the workers left, so a pod with a worker killed
-# (by the memory cgroup, say) served at part of its capacity, or not at all, for good. Read here in
-# the main process, before the workers' watcher is made: a dead worker is replaced as a local
-# `bentoml serve` replaces it, and one that cannot be replaced fails /livez (__is_alive__).
-os.environ.pop("BENTOML_CONTAINERIZED", None)
+replace_dead_workers()  # in the image too (see extendserve.serving.readiness)
 try:  # checked in bentoml serve's main process: a bad setting or model stops the whole service
     S = ServiceSettings.from_env()
     MODEL_TAG, MODEL_SOURCE, MODEL_DIR = resolve_served_model(__file__, S.device)
     ENGINE_REPORT = engine_choice(MODEL_DIR, S)  # the CPU engine, chosen once here for every worker
     READY = ReadyMarks.for_service()
-    # One memory budget per worker for everything its requests hold (the edge's bodies, decoding):
-    # set, or what the cgroup's memory limit leaves each worker after the model.
-    BUDGET_BYTES, BUDGET_FROM = S.memory_budget((MODEL_DIR / "model.onnx").stat().st_size)
-    BUDGET = MemoryBudget(BUDGET_BYTES, BUDGET_FROM)
-    REQUEST_LIMIT = S.request_limit(BUDGET_BYTES)
+    # One memory budget per worker for all its requests hold: set, or what the pod's limit leaves it.
+    BUDGET = MemoryBudget(*S.memory_budget((MODEL_DIR / "model.onnx").stat().st_size))
+    REQUEST_LIMIT = S.request_limit(BUDGET.limit)
 except (ExtendserveError, OSError) as e:
     _stop(str(e))
 
@@ -119,9 +113,7 @@ class Classifier:
         # and a hop between processes. bench/serving/http_bench.py, 16 clients, 2 cores: 0.82 of the in-process
         # rate batching within 4 ms, 0.62 without.
         self.batcher = MicroBatcher(self.model.probabilities, max_batch=max_batch, max_wait_ms=S.batch_ms)
-        # Photos decoded at once on this worker, whatever the number of requests: a decoded 12 MP
-        # photo is 36 MB, and six concurrent batches once took a worker from 333 MB to 1 GB for good.
-        self.decoding = asyncio.Semaphore(S.decoding)
+        self.decode = Decoding(self.model, BUDGET, S.max_upload, S.decoding)
         READY.mark()
 
     def __is_ready__(self) -> bool:
@@ -129,13 +121,8 @@ class Classifier:
         return READY.all(S.workers)
 
     def __is_alive__(self) -> bool:
-        """False (BentoML's /livez 503, so the orchestrator restarts the pod) once a worker that died
-        has gone unreplaced for EXTENDSERVE_HEAL_S: a pod at part of its capacity for good is not live."""
-        missing = READY.missing_for(S.workers)
-        if missing > S.heal_s:
-            log.error("extendserve: a worker died %.0f s ago and has not been replaced (EXTENDSERVE_HEAL_S=%.0f); "
-                      "/livez fails so that the pod is restarted", missing, S.heal_s)
-        return missing <= S.heal_s
+        """BentoML's /livez: false once a worker that died has gone unreplaced for EXTENDSERVE_HEAL_S."""
+        return READY.alive(S.workers, S.heal_s)
 
     # The Open Inference Protocol's name for this model (its store name, else its folder's) and version.
     v2_name = MODEL_TAG.split(":")[0] if MODEL_TAG else Path(MODEL_SOURCE).name
@@ -151,35 +138,16 @@ class Classifier:
         return info_payload(self.model, self.batcher.stats(), S, MODEL_TAG, MODEL_SOURCE, READY.count(),
                             BUDGET.stats() | {"request_limit_bytes": REQUEST_LIMIT})
 
-    async def _prepare(self, photo: Path | bytes | memoryview, name: str) -> np.ndarray:
-        """An uploaded file, a raw body or a form's part -> the model's pixels: size-checked before it
-        is read, and what decoding it will hold (from its header) taken from the worker's budget first."""
-        size = photo.stat().st_size if isinstance(photo, Path) else len(photo)
-        if size > S.max_upload:
-            raise ClientError(413, f"{name}: {size / 2**20:.1f} MB is over the {S.max_upload / 2**20:.0f} MB upload limit "
-                                   "(EXTENDSERVE_MAX_UPLOAD_MB)")
-        async with self.decoding:
-            data = await asyncio.to_thread(photo.read_bytes) if isinstance(photo, Path) else photo
-            cost = decode_cost(data, self.model.preprocess.resize) + (size if isinstance(photo, Path) else 0)
-            if cost > BUDGET.limit:
-                raise ClientError(413, f"{name}: decoding it would hold {cost / 2**20:.0f} MB, over this worker's whole "
-                                       f"memory budget of {BUDGET.limit / 2**20:.0f} MB; resize the photo or save it as JPEG")
-            try:
-                BUDGET.take(cost, f"decoding {name}")
-            except OverBudget as e:
-                raise ClientError(503, e.message) from None
-            try:
-                return await asyncio.to_thread(self.model.prepare, data, name)
-            except BadImageError as e:
-                raise ClientError(400, str(e)) from None
-            finally:
-                BUDGET.give(cost)
-
     async def classify_many(self, photos: list[Any], top_k: int, min_score: float | None = None,
                             gone: Callable[[], Awaitable[bool]] | None = None) -> list[Classification]:
         """Photos (bytes, views or files) -> one Classification each, in order (the edge answers
         /classify and /classify_batch with it)."""
-        return await self._classify(photos, top_k, gone, min_score)
+        try:
+            self.model.check_top_k(top_k)
+        except ExtendserveError as e:
+            raise ClientError(400, str(e)) from None
+        rows = await self.scores(photos, gone)
+        return [Classification(predictions=row) for row in self.model.top_k(np.stack(rows), top_k, min_score)]
 
     async def classify_batch_of(self, photos: list[Any], top_k: int, min_score: float | None = None,
                                 gone: Callable[[], Awaitable[bool]] | None = None) -> list[Classification]:
@@ -188,7 +156,7 @@ class Classifier:
         if len(photos) > S.max_batch_photos:
             raise ClientError(413, f"{len(photos)} photos in one request is over the limit of {S.max_batch_photos} "
                                    "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
-        return await self._classify(photos, top_k, gone, min_score)
+        return await self.classify_many(photos, top_k, min_score, gone)
 
     async def scores(self, photos: list[Any], gone: Callable[[], Awaitable[bool]] | None = None,
                      pixels: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -201,21 +169,12 @@ class Classifier:
                 log.info("extendserve: the client went away; stopped its batch after %d of %d photos", start, len(photos))
                 raise ClientError(499, "the client went away")
             chunk = photos[start : start + S.chunk]
-            done = await asyncio.gather(*[self._prepare(p, f"image {start + i}" if len(photos) > 1 else "image")
+            done = await asyncio.gather(*[self.decode(p, f"image {start + i}" if len(photos) > 1 else "image")
                                           for i, p in enumerate(chunk)])
             if pixels is not None:
                 pixels += done
             rows += await asyncio.gather(*[self.batcher.submit(x) for x in done])
         return rows
-
-    async def _classify(self, photos: list[Any], top_k: int, gone: Callable[[], Awaitable[bool]] | None = None,
-                        min_score: float | None = None) -> list[Classification]:
-        try:
-            self.model.check_top_k(top_k)
-        except ExtendserveError as e:
-            raise ClientError(400, str(e)) from None
-        rows = await self.scores(photos, gone)
-        return [Classification(predictions=row) for row in self.model.top_k(np.stack(rows), top_k, min_score)]
 
     @bentoml.api
     @answers_client_errors

@@ -187,7 +187,7 @@ def test_a_killed_worker_is_replaced_as_the_image_runs(built_model, tmp_path):
 def test_readiness_never_counts_a_zombie_and_a_missing_worker_is_dated(tmp_path, monkeypatch):
     """A worker that died and was not yet reaped (a zombie) answers kill(pid, 0): it is not warm.
     Its mark becomes dead-<pid>, dated when first seen dead, until a replacement marks itself."""
-    from extendserve.serving.served import READY_ENV, ReadyMarks, _alive
+    from extendserve.serving.readiness import READY_ENV, ReadyMarks, _alive
 
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])
     wait_for("the child to exit (a zombie until reaped)",
