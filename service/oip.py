@@ -28,6 +28,8 @@ INPUTS = ("image", "pixels")
 OUTPUTS = ("scores", "logits")
 MAX_HEADER = 1 << 20  # bytes of JSON a request's header may hold (the photos travel as binary or base64)
 JSON_VALUE_BYTES = 64  # what one JSON value costs once parsed (a Python object and its list slot), at most
+JSON_TEXT_COPIES = 3  # and the text itself: decoded, held as strings, a base64 photo decoded (measured: a 188 MB
+# base64 photo in plain JSON took a worker from 302 to 1198 MB, bench/serving/body_memory.py)
 _LENGTH = re.compile(r"[0-9]{1,18}")  # ASCII digits only: '²' is a digit to str.isdigit() and not to int()
 
 
@@ -83,13 +85,14 @@ def parse_infer(body: bytes, header_length: str | None, crop: int, classes: int,
             raise ProtocolError(400, f"Inference-Header-Content-Length {header_length[:20]!r} is not the length of "
                                      "the JSON header at the start of the body")
         n = int(header_length)
-        head, rest = body[:n], body[n:]
+        view = memoryview(body)  # the binary data is read in place: slicing bytes copied it twice (+720 MB at 192 MB)
+        head, rest = body[:n], view[n:]
     else:
-        head, rest = body, b""
+        head, rest = body, memoryview(b"")
     if header_length is not None and len(head) > MAX_HEADER:
         raise ProtocolError(400, f"the JSON header is over {MAX_HEADER // 1024} KB; send photos as binary tensor data")
     try:
-        req = json.loads(head.decode("utf-8"))
+        req = json.loads(head)  # bytes: no decoded copy kept beside them
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError(400, "the request is not JSON (UTF-8); send {\"inputs\": [...]} as the Open Inference "
                                  "Protocol says, photos as base64 strings or as binary tensor data") from None
@@ -126,7 +129,7 @@ def parse_infer(body: bytes, header_length: str | None, crop: int, classes: int,
     return out
 
 
-def _read_input(inp: dict[str, Any], raw: bytes | None, out: InferRequest, crop: int, max_rows: int) -> None:
+def _read_input(inp: dict[str, Any], raw: memoryview | None, out: InferRequest, crop: int, max_rows: int) -> None:
     """One input (``raw``: its binary data, if sent so) into ``out``, its rows counted first."""
     shape = _shape(inp)
     if shape and shape[0] > max_rows:  # before a single element is read
@@ -159,11 +162,11 @@ def _too_many(max_rows: int) -> ProtocolError:
                               "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
 
 
-def _bytes_elements(raw: bytes, max_rows: int) -> list[memoryview]:
+def _bytes_elements(raw: memoryview, max_rows: int) -> list[memoryview]:
     """A BYTES tensor in the binary extension: each element a 4-byte little-endian length, then its
     bytes (views, not copies); refused as soon as it holds more than ``max_rows``."""
     items: list[memoryview] = []
-    at, view = 0, memoryview(raw)
+    at, view = 0, raw
     while at < len(raw):
         if len(items) >= max_rows:
             raise _too_many(max_rows)
@@ -197,7 +200,7 @@ def _base64_elements(data: Any, max_rows: int) -> list[bytes]:
     return out
 
 
-def _pixels(inp: dict[str, Any], raw: bytes | None, shape: list[int], crop: int) -> np.ndarray:
+def _pixels(inp: dict[str, Any], raw: memoryview | None, shape: list[int], crop: int) -> np.ndarray:
     if inp.get("datatype") != "UINT8":
         raise ProtocolError(400, "input pixels: datatype must be UINT8")
     if len(shape) != 4 or shape[1:] != [crop, crop, 3]:

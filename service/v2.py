@@ -12,9 +12,10 @@ from starlette.responses import JSONResponse, Response
 
 from extendserve.serving.budget import OverBudget
 
-from .edge import ClientError
+from .edge import BODY, ClientError
 from .oip import (
     HEADER_LENGTH,
+    JSON_TEXT_COPIES,
     JSON_VALUE_BYTES,
     MAX_HEADER,
     InferRequest,
@@ -105,11 +106,11 @@ async def model_ready(name: str, version: str | None = None) -> Any:
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """Photos (BYTES ``image``) or pixels (UINT8 ``pixels``) -> ``scores`` and ``logits``."""
     svc = _model(name, version)
-    body, length = await request.body(), request.headers.get(HEADER_LENGTH)
+    body, length = request.scope.get(BODY) or await request.body(), request.headers.get(HEADER_LENGTH)
     crop, rows = svc.model.preprocess.crop, svc.settings.max_batch_photos
     values = json_values(body, length)  # counted before a byte is parsed, its cost taken from the budget
     check_json_values(values, b'"pixels"' in body[: len(body) if length is None else MAX_HEADER], crop, rows)
-    cost = values * JSON_VALUE_BYTES
+    cost = values * JSON_VALUE_BYTES + JSON_TEXT_COPIES * (len(body) if length is None else min(len(body), MAX_HEADER))
     if cost > svc.budget.limit:
         raise ProtocolError(413, f"parsing this request's JSON would hold {cost / 2**20:.0f} MB, over this worker's "
                                  f"memory budget of {svc.budget.limit / 2**20:.0f} MB; send photos and pixels as binary "

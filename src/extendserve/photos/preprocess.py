@@ -90,6 +90,7 @@ def decode(data: bytes | bytearray | memoryview, source: str = "image", min_side
         raise BadImageError(f"{source}: the image is too large to decode") from None
 
 
+HEADER_BYTES = 4 * 2**20  # where a photo's size and mode are found (EXIF and ICC blocks come before a JPEG's frame)
 _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}  # else 4 (Pillow's layout)
 
 
@@ -97,14 +98,19 @@ def decode_cost(data: bytes | bytearray | memoryview, min_side: int | None = Non
     """The bytes :func:`decode` will hold at its peak for ``data``, from its header alone: a copy of
     the bytes, the image as Pillow stores it (4 bytes a pixel for RGB; a JPEG at the scale ``draft``
     will pick) and a quarter more for the reduced copies. 0 for what is not an image (decode says why)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-        w, h = im.size
-        mode, fmt = im.mode, im.format
-    except Exception:  # noqa: BLE001 - whatever it is, decode refuses it with the reason
+    im = None
+    for head in (data[:HEADER_BYTES], data) if len(data) > HEADER_BYTES else (data,):  # the header alone, not a copy of all
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(io.BytesIO(head))
+            break
+        except Exception:  # noqa: BLE001 - whatever it is, decode refuses it with the reason
+            continue
+    if im is None:
         return len(data)
+    w, h = im.size
+    mode, fmt = im.mode, im.format
     if min_side and fmt == "JPEG":
         for scale in (8, 4, 2):
             if min(w, h) // scale >= min_side:
