@@ -15,10 +15,11 @@ import argparse
 
 import numpy as np
 import torch
+from logistic import fit_logistic
 
 from extendserve.bases.base import builtin_base
 from extendserve.bases.pretrained import load_backbone
-from extendserve.heads.calibrated import fit_ranker, power
+from extendserve.heads.calibrated import power
 
 from world_splits import Bench
 
@@ -60,7 +61,7 @@ def main() -> None:
         centre, yc = t[:, 0], remap[y[tr]]
         known, yk, strangers = power(f[ho, 0], 0.5), remap[y[ho]], power(f[y == out, 0], 0.5)
         dist, pooled = mahalanobis(views, yv, n - 1), mahalanobis(views, np.zeros_like(yv), 1)
-        w, b = fit_ranker(t, yc, n - 1, 100.0, "ranker")
+        w, b = fit_logistic(t, yc, n - 1, 100.0)
         prob = lambda z: torch.softmax(torch.from_numpy(z @ w.T + b), 1).numpy()  # noqa: E731
         dk, ds = dist(known), dist(strangers)
         scores = {

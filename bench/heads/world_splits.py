@@ -28,11 +28,12 @@ from extendserve.bases.base import builtin_base
 from extendserve.bases.imagenet import synset_index
 from extendserve.bases.pretrained import load_backbone
 from extendserve.bases.world import Background
-from extendserve.heads.calibrated import fit_ranker
 from extendserve.training.features import FeatureExtractor, scan_folder
 from extendserve.training.train import TrainSettings, fit, score_features
 
 _sys.path.insert(0, str(_Path(__file__).resolve().parents[1]))  # bench/common.py
+from logistic import fit_logistic
+
 from common import SAMPLE, SHARED, machine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +94,7 @@ class Bench:
         known = score_features(self.base, head, f[ho, 0])
         unseen = score_features(self.base, head, self.inet[ev])
         yho = remap[y[ho]]
-        w, b = fit_ranker(f[tr][:, :1], remap[y[tr]], len(names), 1.0, "probe")
+        w, b = fit_logistic(f[tr][:, :1], remap[y[tr]], len(names), 1.0)
         r = {"acc": float((known.argmax(1) == yho + k).mean()),
              "probe": float(((f[ho, 0] @ w.T + b).argmax(1) == yho).mean()),
              "taken": float((unseen.argmax(1) >= k).mean()),

@@ -47,13 +47,13 @@ def run(command: str, *args: str | os.PathLike[str], **options: Any) -> Any:
     import contextlib
     import io
 
-    from .cli.parser import parser
+    from .cli.parser import parse
 
     argv = [command, *map(os.fspath, args), *_argv(options)]
     said = io.StringIO()
     try:
         with contextlib.redirect_stderr(said):  # argparse's usage text goes into the exception, not the notebook
-            parsed = parser().parse_args(argv)
+            parsed = parse(argv)
     except SystemExit:
         why = said.getvalue().strip().splitlines()[-1:] or ["not valid options"]
         raise ExtendserveError(f"extendserve {' '.join(argv)}: {why[0]} (extendserve {command} --help)") from None
@@ -61,10 +61,22 @@ def run(command: str, *args: str | os.PathLike[str], **options: Any) -> Any:
     return getattr(parsed, "result", code)
 
 
-def train_head(data: str | os.PathLike[str], output: str | os.PathLike[str], **options: Any) -> Path:
-    """``extendserve train-head DATA -o OUTPUT``: a head for the class folders in ``data``."""
-    run("train-head", data, output=output, **options)
-    return Path(output)
+class TrainedHead(dict):  # type: ignore[type-arg]
+    """What ``train_head`` measured (``["classes"]``: each class's photos used, held-out accuracy,
+    strangers named and background taken, by name; ``["heldout"]``, ``["checks"]``, ``["warnings"]``),
+    and the head file: ``.path``; it is also path-like, so ``build(out, [train_head(...)])`` works."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self["path"])
+
+    def __fspath__(self) -> str:
+        return self["path"]
+
+
+def train_head(data: str | os.PathLike[str], output: str | os.PathLike[str], **options: Any) -> TrainedHead:
+    """``extendserve train-head DATA -o OUTPUT``: a head for the class folders in ``data``, and its figures."""
+    return TrainedHead(run("train-head", data, output=output, **options))
 
 
 def build(output: str | os.PathLike[str], new_heads: Sequence[str | os.PathLike[str]] = (), **options: Any) -> Path:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-GATES = ("mahalanobis", "cosine")  # the gated head's gates, default first (see calibrate)
+GATES = ("mahalanobis", "cosine")  # the gated head's gates, default first (see heads.gated)
 
 
 def cache_root() -> Path:

@@ -18,6 +18,9 @@ from conftest import synthetic_photo
 
 def test_train_build_predict_from_python(synthetic_data, tmp_path):
     head = train_head(synthetic_data, tmp_path / "shapes.pt", holdout=0, epochs=20)
+    assert head.path == tmp_path / "shapes.pt" and head.path.is_file()
+    assert set(head["classes"]) == {"red discs", "blue stripes"}  # the figures, by class name
+    assert head["classes"]["red discs"]["photos"] == 6 and "strangers_named" in head["classes"]["red discs"]
     model_dir = build(tmp_path / "m", new_heads=[head], no_store=True)
     model = Model(model_dir)
     photo = synthetic_photo(0, 4242)

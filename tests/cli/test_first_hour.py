@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -35,7 +36,7 @@ def test_a_phone_sized_jpeg_is_trained_on_and_one_class_is_warned_about(tmp_path
     (root / "discs" / "phone.jpg").write_bytes(phone_jpeg())  # 9000x9000: decoded at 1/8, not skipped
     synthetic_photo(0, 3).save(root / "discs" / "small.jpg")
     r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"))
-    assert "skipped" not in r.stderr and "discs" in r.stdout and "2  discs" in r.stdout, r.stderr
+    assert "skipped" not in r.stderr and "discs" in r.stdout and re.search(r"^ +2 .* discs$", r.stdout, re.M), r.stdout
     assert "WARNING: one class" in r.stderr and "--negatives" in r.stderr
 
 
@@ -220,3 +221,40 @@ def test_a_folder_nested_1500_deep_is_a_one_line_error(tmp_path):
             deep.rmdir()
             deep = deep.parent
     assert r.returncode != 0 and "nested over" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_the_folder_above_the_classes_is_refused_with_the_folder_to_give(tmp_path):
+    """parent/photos/<classes> and parent/held-out/<classes>: not two classes named 'photos' and 'held-out'."""
+    for part in ("photos", "held-out"):
+        for kind, name in enumerate(["discs", "stripes"]):
+            (tmp_path / "parent" / part / name).mkdir(parents=True)
+            synthetic_photo(kind, kind).save(tmp_path / "parent" / part / name / "0.jpg")
+    r = run_cli("train-head", str(tmp_path / "parent"), "-o", str(tmp_path / "h.pt"), check=False)
+    assert r.returncode == 2 and not (tmp_path / "h.pt").exists()
+    assert "folders of photos, not photos" in r.stderr and str(tmp_path / "parent" / "photos") in r.stderr
+    # one photo of its own makes a folder of kinds one class again (dogs/poodle, dogs/beagle)
+    synthetic_photo(0, 5).save(tmp_path / "parent" / "photos" / "own.jpg")
+    r = run_cli("train-head", str(tmp_path / "parent"), "-o", str(tmp_path / "h.pt"), "--holdout", "0")
+    assert r.returncode == 0 and re.search(r"^ +3 .* photos$", r.stdout, re.M), r.stdout
+
+
+def test_a_one_photo_class_is_named_and_the_others_are_still_measured(tmp_path):
+    root = tmp_path / "photos"
+    for kind, (name, count) in enumerate([("discs", 8), ("stripes", 8), ("lone", 1)]):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            synthetic_photo(kind % 2, 50 * kind + i).save(root / name / f"{i}.jpg")
+    r = run_cli("train-head", str(root), "-o", str(tmp_path / "h.pt"))
+    assert "held-out accuracy: not measured" not in r.stdout and "held-out accuracy:" in r.stdout
+    assert "WARNING: class 'lone' has fewer than 5 photos" in r.stderr
+    rows = {line.split()[-1]: line.split() for line in r.stdout.splitlines() if re.match(r"^ +\d+ ", line)}
+    assert rows["lone"][1] == "-" and rows["discs"][1].endswith("%") and rows["stripes"][1].endswith("%"), r.stdout
+
+
+def test_a_mistyped_option_gets_the_commands_usage_and_the_closest_option(tmp_path):
+    r = run_cli("train-head", str(tmp_path), "-o", str(tmp_path / "h.pt"), "--max-takn", "0.1", check=False)
+    assert r.returncode == 2 and "usage: extendserve train-head" in r.stderr and "did you mean --max-taken?" in r.stderr
+    r = run_cli("train-head", str(tmp_path), "-o", str(tmp_path / "h.pt"), "--min_score", "0.5", check=False)
+    assert r.returncode == 2 and "--min-score is an option of build, predict" in r.stderr
+    r = run_cli("predict", "a.jpg", "--topk", "3", check=False)
+    assert r.returncode == 2 and "usage: extendserve predict" in r.stderr and "did you mean --top-k?" in r.stderr

@@ -7,8 +7,10 @@ import pytest
 
 from extendserve.bases.base import builtin_base
 from extendserve.bases.pretrained import load_backbone
-from extendserve.heads.calibrate import _unit, choose_threshold, fit_metric, loo_similarities, out_of_fold_distances
+from extendserve.heads.gated import choose_threshold, loo_similarities, out_of_fold_distances
 from extendserve.heads.head import load_head
+from extendserve.heads.metric import fit_metric
+from extendserve.heads.metric import unit as _unit
 from extendserve.photos.preprocess import resize_crop
 from extendserve.serving.runtime import Model
 from extendserve.training.train import TrainSettings, score_features, train_head

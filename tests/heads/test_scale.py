@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from extendserve.errors import ExtendserveError
-from extendserve.heads.calibrate import Metric, fit_metric
 from extendserve.heads.head import Head
+from extendserve.heads.metric import Metric, fit_metric
 from extendserve.heads.scoring import Distances, head_graph
 from extendserve.serving.runtime import Model
 

@@ -178,8 +178,33 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed; an option the command does not know is refused with that command's
+    usage and the closest option it has (argparse alone shows the top-level usage)."""
+    import difflib
+
+    top = parser()
+    args, extra = top.parse_known_args(argv)
+    if not extra:
+        return args
+    commands = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = commands[args.command]
+
+    def options(p: argparse.ArgumentParser) -> list[str]:
+        return [o for action in p._actions for o in action.option_strings if o.startswith("--")]
+
+    flag = ([x for x in extra if x.startswith("-")] or extra)[0].split("=")[0]
+    hint = difflib.get_close_matches(flag.replace("_", "-"), options(command), n=1, cutoff=0.75)
+    elsewhere = sorted(name for name, p in commands.items() if flag.replace("_", "-") in options(p))
+    why = (f"; did you mean {hint[0]}?" if hint else
+           f"; {flag.replace('_', '-')} is an option of {', '.join(elsewhere)}" if elsewhere else
+           f" (extendserve {args.command} --help lists its options)")
+    command.error(f"unrecognized arguments: {' '.join(extra)}{why}")
+    raise AssertionError  # error() exits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.func(args))
     except BrokenPipeError:  # `extendserve predict ... | head`: the reader has gone, which is no error

@@ -77,9 +77,17 @@ def _print_checks(report: Any) -> None:
 
 
 def _print_report(report: Any, classes: int, seed: int) -> None:
-    print(f"classes ({len(report.counts)}), photos used per class:")
-    for c, n in report.counts.items():
-        print(f"  {n:5d}  {c}")
+    from ..training.train import per_class
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.0%}"
+
+    print(f"classes ({len(report.counts)}): photos used, held-out photos named right, photos named one of the others "
+          "when the class was left out (strangers), held-out background photos named as it (-: not measured)")
+    print(f"  {'photos':>6}  {'held-out':>8}  {'strangers':>9}  {'background':>10}  class")
+    for c, f in per_class(report).items():
+        print(f"  {f['photos']:6d}  {pct(f['heldout_accuracy']):>8}  {pct(f['strangers_named']):>9}  "
+              f"{pct(f['background_taken']):>10}  {escaped(c)}")
     if report.heldout:
         h = report.heldout
         print(f"held-out accuracy: {h['accuracy']:.3f} on {h['photos']} photos "
@@ -88,7 +96,7 @@ def _print_report(report: Any, classes: int, seed: int) -> None:
             print(background_line("this head names", h["background_taken"], h["background_photos"],
                                   "as one of its classes: held out (the head of this check was fitted on the other half)"))
     else:
-        print("held-out accuracy: not measured (needs at least 5 photos in every class)")
+        print("held-out accuracy: not measured (needs a class with at least 5 photos)")
     warn_if_takes_world(report.heldout.get("background_taken") if report.heldout else None, "held-out")
     for w in report.warnings:
         err(f"WARNING: {w}")
@@ -108,10 +116,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         a.method = "gated" if a.unfreeze_top else "calibrated"
     t0 = time.time()
     ds = scan_folder(a.data)
-    if len(ds.classes) == 1:
-        err(f"WARNING: one class ({ds.classes[0]!r}): the head has no other new class to tell it from, so it is "
-            "judged against the base's own classes only; if photos of similar things should not be named "
-            f"{ds.classes[0]!r}, add a folder for them or give them with --negatives DIR")
+    _warn_one_class(ds.classes)
     from ..names import check_class_names
 
     where = f"{a.data} (class folder names)"
@@ -149,11 +154,28 @@ def cmd_train_head(a: argparse.Namespace) -> int:
                           "base_model": base.describe() | base.identity(), "heldout": report.heldout, "checks": checks,
                           "trained_on": photo_digests([ds.files[i] for i in ok])})
     head.save(out)
+    a.result = _figures(out, report, checks, t_feat)
     _print_report(report, len(base.labels) + len(ds.classes), a.seed)
     _print_checks(report)
     print(f"features: {t_feat:.1f}s ({hits}/{len(ok)} cached); training: {report.seconds:.1f}s")
     print(f"wrote {out} (head {head.name!r}, method {head.method}, base {head.backbone})")
     return 0
+
+
+def _warn_one_class(classes: list[str]) -> None:
+    if len(classes) == 1:
+        err(f"WARNING: one class ({escaped(classes[0])!r}): the head has no other new class to tell it from, so it is "
+            "judged against the base's own classes only; if photos of similar things should not be named "
+            f"{escaped(classes[0])!r}, add a folder for them or give them with --negatives DIR")
+
+
+def _figures(out: Path, report: Any, checks: dict[str, Any], t_feat: float) -> dict[str, Any]:
+    """What train-head measured, as the Python API returns it (``api.train_head``)."""
+    from ..training.train import per_class
+
+    return {"path": str(out), "classes": per_class(report), "heldout": report.heldout,
+            "checks": {k: v for k, v in checks.items() if k != "per_class"}, "warnings": list(report.warnings),
+            "seconds": {"features": round(t_feat, 1), "training": round(report.seconds, 1)}}
 
 
 def _settings(a: argparse.Namespace) -> Any:

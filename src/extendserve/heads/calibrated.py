@@ -27,7 +27,6 @@ of :mod:`calibrate`: README, "New classes that know the world" (``bench/heads/wo
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -35,15 +34,11 @@ import torch
 
 from ..bases.base import Base
 from ..bases.world import MIN_BACKGROUND, Background
-from ..progress import eta, progress
-from .calibrate import Metric, fit_metric, rows_of
 from .head import Head
+from .metric import Metric, fit_metric, rows_of
+from .statistics import Statistics
 
 EVIDENCE = ("class_distance", "ranker", "world_distance", "base_confidence")
-# L-BFGS keeps HISTORY pairs of parameter-sized vectors: at 1000 classes x 1280 features, torch's
-# default of 100 was 2 GB of the 17 GB train-head peak.
-HISTORY = 10
-RANKER_CHUNK = 1024  # views a step in the ranker's loss: [chunk, classes] float64 stays a few MB
 POWER_CHUNK = 256  # photos a step in the power transform
 
 
@@ -63,47 +58,6 @@ def power(feats: np.ndarray, p: float, rows: np.ndarray | None = None) -> np.nda
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max(1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(1, keepdims=True))
-
-
-def fit_ranker(t: np.ndarray, labels: np.ndarray, n: int, c: float, label: str,
-               start: tuple[np.ndarray, np.ndarray] | None = None,
-               rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Multinomial logistic regression on every view (of ``t[rows]`` when given; ``labels`` are
-    theirs), 0.5 |W|^2 + c * sum CE, by L-BFGS (deterministic). The objective is strictly convex,
-    so ``start`` (the all-photos solution, for a fold) only shortens the walk to the same optimum.
-    The loss is summed a chunk of views at a time in float64, so memory stays bounded by the chunk
-    and the classes, not by the photos."""
-    d, views = t.shape[-1], t.shape[1]
-    if n == 1:
-        return np.zeros((1, d), np.float32), np.zeros(1, np.float32)
-    take = rows_of(t, rows)
-    total_views = len(labels) * views
-    y = torch.from_numpy(np.repeat(labels, views)).long()
-
-    def chunk(i: int) -> np.ndarray:  # views i .. i + RANKER_CHUNK of the photos' views in order
-        first = i // views
-        block = take(first, -(-(i + RANKER_CHUNK) // views)).reshape(-1, d)
-        return block[i - first * views : i - first * views + RANKER_CHUNK]
-    w0, b0 = start if start is not None else (np.zeros((n, d)), np.zeros(n))
-    w = torch.tensor(np.asarray(w0, np.float64), requires_grad=True)
-    b = torch.tensor(np.asarray(b0, np.float64), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=100, history_size=HISTORY, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        reg = 0.5 * (w * w).sum()
-        reg.backward()
-        total = float(reg.detach())
-        for i in range(0, total_views, RANKER_CHUNK):
-            xc = torch.from_numpy(chunk(i).astype(np.float64))
-            part = c * torch.nn.functional.cross_entropy(xc @ w.T + b, y[i : i + RANKER_CHUNK], reduction="sum")
-            part.backward()
-            total += float(part.detach())
-        return torch.tensor(total, dtype=torch.float64)
-
-    opt.step(closure)
-    progress(label, 1, 1, "ranker")
-    return w.detach().float().numpy(), b.detach().float().numpy()
 
 
 def _folds(labels: np.ndarray, n: int, k: int, seed: int) -> np.ndarray:
@@ -167,41 +121,40 @@ class Fitted:
         return self.h(self.evidence(feats, world_d)).max(1) - _log_softmax(feats @ self.base_w.T + self.base_b).max(1)
 
 
-def _out_of_fold(t: np.ndarray, labels: np.ndarray, n: int, s: Any, rw: np.ndarray, rb: np.ndarray,
-                 label: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Class distances and ranker scores [m, n] of each training photo's served view by the metric
-    and ranker fitted without its fold, and which classes that fold's fit knew (a class whose photos
-    are all held out is unknown there, unless it is the photo's own: then its other views stand in)."""
+def _out_of_fold(stats: Statistics, rows: np.ndarray, labels: np.ndarray, n: int,
+                 s: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Class distances and ranker scores [m, n] of each training photo's served view (photos
+    ``stats.t[rows]``) by the metric and ranker fitted without its fold, and which classes that fold's
+    fit knew (a class whose photos are all held out is unknown there, unless it is the photo's own:
+    then its other views stand in)."""
+    t = stats.t
     fold = _folds(labels, n, s.gate_folds, s.seed)
     d_oof, r_oof = np.zeros((len(labels), n)), np.zeros((len(labels), n))
     avail = np.ones((len(labels), n), bool)
-    t0 = time.monotonic()
     for j in range(s.gate_folds):
         held, rest = fold == j, fold != j
-        progress(f"{label}: out-of-fold evidence", j, s.gate_folds, eta(t0, j, s.gate_folds).lstrip(", "))
         if not held.any():
             continue
         if not rest.any():  # one photo per class: measured in sample
             rest = held
         kept = np.unique(labels[rest])
-        relabel = np.searchsorted(kept, labels[rest])
-        rows = np.flatnonzero(rest)
-        m = fit_metric(t, relabel, len(kept), s.gate_shrinkage, s.gate_rank, rows)
-        w, b = fit_ranker(t, relabel, len(kept), s.ranker_c, f"{label} (fold {j + 1})", (rw[kept], rb[kept]), rows)
-        d_oof[np.ix_(held, kept)] = m.distances(t[held, 0])
-        r_oof[np.ix_(held, kept)] = t[held, 0] @ w.T + b
+        m, w, b = stats.fit(rows[rest], np.searchsorted(kept, labels[rest]), len(kept), s.gate_shrinkage,
+                            s.gate_rank, s.ranker_ridge)
+        centre = t[rows[held], 0]
+        d_oof[np.ix_(held, kept)] = m.distances(centre)
+        r_oof[np.ix_(held, kept)] = centre @ w.T + b
         for i in np.flatnonzero(held):
             for c in np.setdiff1d(np.arange(n), kept):
                 if c == labels[i]:  # its class has no other photo: the mean of its own other views
-                    own = Metric(t[i, 1:].mean(0, keepdims=True), m.basis, m.weights, m.sigma)
-                    d_oof[i, c] = own.distances(t[i, :1])[0, 0]
+                    own = Metric(t[rows[i], 1:].mean(0, keepdims=True), m.basis, m.weights, m.sigma)
+                    d_oof[i, c] = own.distances(t[rows[i], :1])[0, 0]
                     r_oof[i, c] = r_oof[i, kept].max() if len(kept) else 0.0
                 else:
                     avail[i, c] = False
     return d_oof, r_oof, avail
 
 
-def _against_world(fitted: Fitted, base: Base, centre: np.ndarray, t: np.ndarray, labels: np.ndarray, n: int,
+def _against_world(fitted: Fitted, base: Base, centre: np.ndarray, t_centre: np.ndarray, labels: np.ndarray, n: int,
                    oof: tuple[np.ndarray, np.ndarray, np.ndarray], bg: Background, s: Any) -> dict[str, Any]:
     """Fit the world's Gaussian, then the evidence weights and offset of ``fitted`` against the
     background; the figures for the head's settings."""
@@ -215,7 +168,7 @@ def _against_world(fitted: Fitted, base: Base, centre: np.ndarray, t: np.ndarray
         world_oof[bf == j] = mj.distances(tb[bf == j])[:, 0]
     fitted.world = world
     conf_p = _log_softmax(centre @ base.weight.T + base.bias).max(1)
-    xp = _evidence(d_oof, r_oof, world.distances(t[:, 0])[:, 0], conf_p)
+    xp = _evidence(d_oof, r_oof, world.distances(t_centre)[:, 0], conf_p)
     xb = fitted.evidence(bg.features, world_oof)
     x = np.concatenate([xp, xb])
     mu = x.reshape(-1, 4).mean(0)
@@ -233,26 +186,34 @@ def _against_world(fitted: Fitted, base: Base, centre: np.ndarray, t: np.ndarray
             "offset_lowered_by": lowered}
 
 
+def power_of(feats: np.ndarray, background: Background | None, s: Any) -> float:
+    """Tukey's power for these features: ``s.tukey`` where every feature is non-negative (a ReLU
+    backbone's), else 1 (unit length only)."""
+    low = min(float(feats[i : i + POWER_CHUNK].min()) for i in range(0, len(feats), POWER_CHUNK))
+    return s.tukey if low >= 0 and (background is None or background.features.min() >= 0) else 1.0
+
+
 def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: Any,
-                   background: Background | None, label: str = "training", rows: np.ndarray | None = None) -> Head:
+                   background: Background | None, label: str = "training", rows: np.ndarray | None = None,
+                   stats: Statistics | None = None) -> Head:
     """A ``calibrated`` head from training features [m, V, D] (``feats[rows]`` when given, read
-    without copying them all; ``labels`` are theirs) and the base's world (or None)."""
+    without copying them all; ``labels`` are theirs) and the base's world (or None). ``stats``: the
+    run's shared :class:`Statistics` of ``feats`` (made here when not given or of another power)."""
     n = len(classes)
-    take, m = rows_of(feats, rows), len(labels)
+    rows = np.arange(len(feats)) if rows is None else np.asarray(rows)
     if background is not None:  # near-copies of a training photo do not judge it
-        background = background.without(feats[:, 0] if rows is None else feats[rows, 0])
+        background = background.without(feats[rows, 0])
         if len(background) < MIN_BACKGROUND:
             background = None
-    low = min(float(take(i, i + POWER_CHUNK).min()) for i in range(0, m, POWER_CHUNK))
-    p = s.tukey if low >= 0 and (background is None or background.features.min() >= 0) else 1.0
-    t = power(feats, p, rows)
-    centre = feats[:, 0] if rows is None else feats[rows, 0]
-    metric = fit_metric(t, labels, n, s.gate_shrinkage, s.gate_rank)
-    rw, rb = fit_ranker(t, labels, n, s.ranker_c, label)
-    oof = _out_of_fold(t, labels, n, s, rw, rb, label)
+    p = power_of(feats, background, s)
+    if stats is None or stats.power != p:
+        stats = Statistics(power(feats, p), p)
+    centre = feats[rows, 0]
+    metric, rw, rb = stats.fit(rows, labels, n, s.gate_shrinkage, s.gate_rank, s.ranker_ridge)
+    oof = _out_of_fold(stats, rows, labels, n, s)
     fitted = Fitted(p, metric, None, rw, rb, np.zeros(4), 0.0, base.weight, base.bias)
     if background is not None:
-        figures = _against_world(fitted, base, centre, t, labels, n, oof, background, s)
+        figures = _against_world(fitted, base, centre, stats.t[rows, 0], labels, n, oof, background, s)
     else:  # no world to judge against: the gate of the positives alone (README: what this risks)
         own = oof[0][np.arange(len(labels)), labels]
         thr = float(np.quantile(own, 1 - s.gate_quantile))

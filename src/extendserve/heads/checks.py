@@ -124,4 +124,23 @@ def strangers_named(fit_without: Callable[[int], Any], score: Callable[[Any, np.
         shares.append(float(named.mean()))
         named_scores += list(p.max(1)[named])
     return {"strangers_named": float(np.mean(shares)), "strangers_score": float(np.mean(named_scores)) if named_scores else None,
-            "classes_left_out": int(len(left_out)), "per_class": [round(s, 3) for s in shares]}
+            "classes_left_out": int(len(left_out)),
+            "per_class": {int(c): round(s, 3) for c, s in zip(left_out, shares)}}
+
+
+def trade(held: np.ndarray, labels: np.ndarray, world: np.ndarray, k: int,
+          shares: tuple[float, ...] = (0.005, 0.01, 0.03, 0.10)) -> list[dict[str, float]]:
+    """New-class held-out accuracy against the share of held-out background taken, the new classes'
+    logits lowered or raised until each share is just met: the trade a head makes, made visible."""
+    w_gap = world[:, k:].max(1) - world[:, :k].max(1)  # > shift: the new classes take the photo
+    h_gap = held[:, k:].max(1) - held[:, :k].max(1)
+    right = held[:, k:].argmax(1) == labels
+    out = []
+    for share in shares:
+        for d in np.linspace(-20, 20, 161):  # the shift of the new classes' logits, lowest first
+            taken = float((w_gap > d).mean())
+            if taken <= share:
+                out.append({"max_taken": share, "taken": taken, "accuracy": float((right & (h_gap > d)).mean()),
+                            "shift": float(d)})
+                break
+    return out

@@ -1,5 +1,5 @@
 """Fitting new rows on frozen features: full-batch Adam, deterministic on the CPU. Shared by the
-methods of :mod:`train` and the gated head's ranker in :mod:`calibrate`, which import this
+methods of :mod:`train` and the gated head's ranker in :mod:`gated`, which import this
 module and not each other. ``s`` is a :class:`train.TrainSettings`."""
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ class Head:
 
     ``method`` says how the merged model scores them: ``joint`` places the linear logits
     beside the ImageNet logits as they are (trained inside the joint softmax); ``gated`` adds the
-    calibration of :mod:`extendserve.heads.calibrate`, whose tensors live in ``extras``.
+    calibration of :mod:`extendserve.heads.gated`, whose tensors live in ``extras``.
     """
 
     classes: list[str]

@@ -5,7 +5,7 @@ small ONNX graph, which :mod:`merge` wires beside the untouched base graph.
 - ``joint`` (also ``naive``): the linear rows, as they are.
 - ``calibrated`` (the default): see :mod:`calibrated`: LSE(base logits) + h_k, so the softmax
   over all outputs is one probability model for old and new classes.
-- ``gated``: see :mod:`calibrate`: max(base logits) + scale * gate margin + (ranker - max ranker).
+- ``gated``: see :mod:`gated`: max(base logits) + scale * gate margin + (ranker - max ranker).
 - a head trained with ``--unfreeze-top K`` starts from the activation entering block ``n - K`` of
   the built-in backbone and brings its own fine-tuned copy of the top blocks (:class:`TopCopy`).
 """
@@ -85,7 +85,7 @@ class GatedScorer(nn.Module):
 
 class Distances(nn.Module):
     """[B, D] unit features -> [B, n] shrunk-covariance Mahalanobis distances to n means
-    (calibrate.Metric.distances), as matrix products over all classes at once, in float64: the
+    (metric.Metric.distances), as matrix products over all classes at once, in float64: the
     cost stays a small fraction of the backbone's at 1000 classes, and the difference of sums it
     takes does not cancel (in float32 it moved a gate by 3e-3 logits between CPU kinds)."""
 

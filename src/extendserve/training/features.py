@@ -23,6 +23,7 @@ from ..bases.base import PIXELS, Base
 from ..config import PreprocessConfig, cache_root
 from ..errors import BadImageError, ExtendserveError
 from ..files import walk, write_atomic
+from ..names import escaped
 from ..photos.preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_photo, resize_shorter
 from ..progress import eta, progress
 
@@ -54,6 +55,14 @@ def scan_folder(root: str | os.PathLike[str]) -> Dataset:
             raise ExtendserveError(f"{root}: holds photos but no class folders; it looks like one class's folder: give "
                                    f"the folder above it, {root.resolve().parent}, whose sub-folders are the classes")
         raise ExtendserveError(f"{root}: no class folders; put each class's photos in root/<class name>/")
+    sets = [c for c in classes if _holds_classes(root / c)]
+    if sets and len(sets) == len(classes):
+        given = ", ".join(escaped(str(root / c)) for c in sets[:3])
+        raise ExtendserveError(
+            f"{escaped(str(root))}: its sub-folder{'s' if len(sets) > 1 else ''} {', '.join(repr(c) for c in sets[:3])} "
+            f"{'hold' if len(sets) > 1 else 'holds'} folders of photos, not photos: it looks like the folder "
+            f"above a set of classes, not a set of classes. Give the folder whose sub-folders are the classes "
+            f"({given}); to train one class on several kinds of photo, put a photo directly in its folder")
     seen: dict[Path, str] = {}
     for c in classes:  # a class folder linked to another would be the same photos under two names
         real = (root / c).resolve()
@@ -87,6 +96,23 @@ def scan_folder(root: str | os.PathLike[str]) -> Dataset:
                 ds.files.append(p)
                 ds.labels.append(ci)
     return ds
+
+
+def _holds_classes(folder: Path) -> bool:
+    """A folder that looks like a set of classes: two or more sub-folders with photos, and no photo
+    of its own (a class of several kinds, ``dogs/poodle``, ``dogs/beagle``, is told apart from
+    ``parent/photos``, ``parent/held-out`` by nothing else, so one photo in it says it is a class)."""
+    try:
+        entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
+        if any(e.is_file() and e.suffix.lower() in IMAGE_EXTS for e in entries):
+            return False
+        with_photos = 0
+        for d in (e for e in entries if e.is_dir()):
+            if any(x.suffix.lower() in IMAGE_EXTS or x.is_dir() for x in d.iterdir() if not x.name.startswith(".")):
+                with_photos += 1
+        return with_photos >= 2
+    except OSError:
+        return False
 
 
 def views(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

@@ -22,8 +22,8 @@ from torch import nn
 
 from ..bases.base import PIXELS, Base
 from ..errors import ExtendserveError
-from ..heads.calibrate import fit_gated
 from ..heads.fit import fit_softmax
+from ..heads.gated import fit_gated
 from ..heads.head import Head
 from ..heads.scoring import PREFIX, merged_logits, scorer, top_from_head
 from ..photos.preprocess import read_photo
@@ -51,7 +51,7 @@ def trunk_maps(base: Base, files: Sequence[Path], start: int) -> torch.Tensor:
 def fit_unfrozen(base: Base, maps: torch.Tensor, labels: np.ndarray, classes: list[str], s: Any,
                  k: int, freeze: Sequence[str] = (), label: str = "fine-tuning") -> Head:
     """Fine-tune a top-K copy with an N-way classifier on ``maps`` [n, V, C, H, W], then fit the
-    gated head of :mod:`calibrate` on the copy's features. BatchNorm statistics stay frozen."""
+    gated head of :mod:`gated` on the copy's features. BatchNorm statistics stay frozen."""
     torch.manual_seed(s.seed)
     top = base.backbone.top_copy(k)
     top.eval().requires_grad_(True)  # eval: BN keeps the pretrained statistics (a few dozen photos

@@ -13,12 +13,14 @@ from ..bases.base import Base
 from ..bases.world import MIN_BACKGROUND, Background
 from ..config import GATES
 from ..errors import ExtendserveError
-from ..heads.calibrate import fit_gated
-from ..heads.calibrated import fit_calibrated
-from ..heads.checks import strangers_named, suspicious
+from ..heads.calibrated import fit_calibrated, power, power_of
+from ..heads.checks import MAX_LEFT_OUT, strangers_named, suspicious, trade
 from ..heads.fit import fit_joint, fit_softmax
+from ..heads.gated import fit_gated
 from ..heads.head import Head
 from ..heads.scoring import merged_logits, scorer
+from ..heads.statistics import Statistics
+from ..progress import eta, progress
 
 
 @dataclass
@@ -30,13 +32,13 @@ class TrainSettings:
     seed: int = 0
     holdout: float = 0.2  # share of each class held out to report accuracy (>= 5 photos a class)
     augment: bool = True  # train on all VIEWS, not only the served centre crop
-    gate: str = GATES[0]  # gated: mahalanobis (default) | cosine; see calibrate
+    gate: str = GATES[0]  # gated: mahalanobis (default) | cosine; see heads.gated
     gate_quantile: float = 0.05  # gated: share of (out-of-sample) positives the gate may reject
     gate_scale: float = 40.0  # gated: logits per unit of gate margin past the threshold
     gate_shrinkage: float = 0.8  # mahalanobis: weight of the isotropic part of the covariance
     gate_rank: int = 256  # mahalanobis: covariance eigenvectors kept (the rest count as isotropic)
     gate_folds: int = 5  # mahalanobis: folds for the out-of-sample positives' distances
-    ranker_c: float = 100.0  # calibrated: inverse L2 strength of the ranker on unit features
+    ranker_ridge: float = 1.0  # calibrated: the ridge ranker's L2, times the features' mean variance
     tukey: float = 0.5  # calibrated: power transform of non-negative features (1: none)
     world_shrinkage: float = 0.5  # calibrated: covariance shrinkage of the background's Gaussian
     calibration_l2: float = 1e-3  # calibrated: L2 on the four evidence weights
@@ -46,7 +48,7 @@ class TrainSettings:
     finetune_lr: float = 1e-4  # --unfreeze-top: Adam step for the copied top blocks
     finetune_epochs: int = 8  # --unfreeze-top: passes over every training view
     keep_suspicious: bool = False  # train on photos flagged as out of place (checks.suspicious) too
-    check_strangers: int = 50  # leave classes out to measure strangers up to this many classes (0: never)
+    check_strangers: bool = True  # leave up to heads.checks.MAX_LEFT_OUT classes out in turn (False: never)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -63,20 +65,27 @@ class TrainReport:
     checks: dict[str, Any] = field(default_factory=dict)  # what the head will do: strangers, the trade
 
 
+MIN_HELD = 5  # photos a class needs before any of them is held out to measure it
+
+
 def split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Stratified, seeded: hold out ``share`` of each class, or None if any class has < 5 photos."""
+    """Stratified, seeded: hold out ``share`` of each class of at least MIN_HELD photos (a smaller
+    class trains on all of its photos and is not measured), or None if no class is that large."""
     if share <= 0:
         return None
     rng = np.random.default_rng(seed)
     train, held = [], []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
-        if len(idx) < 5:
-            return None
+        if len(idx) < MIN_HELD:
+            train += list(idx)
+            continue
         idx = rng.permutation(idx)
         k = max(1, int(round(share * len(idx))))
         held += list(idx[:k])
         train += list(idx[k:])
+    if not held:
+        return None
     return np.sort(np.array(train)), np.sort(np.array(held))
 
 
@@ -96,12 +105,13 @@ def classifier(base: Base) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fit(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
         s: TrainSettings, label: str = "training", negatives: np.ndarray | None = None,
-        background: Background | None = None, rows: np.ndarray | None = None) -> Head:
+        background: Background | None = None, rows: np.ndarray | None = None,
+        stats: Statistics | None = None) -> Head:
     """One head by ``s.method`` on ``feats`` (or ``feats[rows]``; ``labels`` are theirs); the merged
     model scores it as the method says. ``background`` (the base's world, :mod:`world`) is what the
-    calibrated head is judged against."""
+    calibrated head is judged against; ``stats``: what the run's calibrated fits share."""
     if s.method == "calibrated":  # reads feats[rows] a chunk at a time
-        return fit_calibrated(base, feats, labels, classes, s, background, label, rows)
+        return fit_calibrated(base, feats, labels, classes, s, background, label, rows, stats)
     if rows is not None:
         feats = feats[rows]
     common = dict(classes=list(classes), backbone=base.name, backbone_digest=base.digest,
@@ -133,6 +143,22 @@ def taken_share(base: Base, head: Head | list[Head], feats: np.ndarray) -> float
     return float((score_features(base, head, feats).argmax(1) >= len(base.labels)).mean())
 
 
+def _listed(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return f"class {shown}" if len(names) == 1 else f"classes {shown}{more}"
+
+
+def per_class(report: TrainReport) -> dict[str, dict[str, Any]]:
+    """Each class's figures by name: photos used, held-out accuracy, strangers named (when it was
+    left out), background photos taken (None where not measured)."""
+    held = report.heldout or {}
+    return {c: {"photos": n, "heldout_accuracy": held.get("per_class", {}).get(c),
+                "strangers_named": report.checks.get("per_class", {}).get(c),
+                "background_taken": held.get("background_taken_per_class", {}).get(c)}
+            for c, n in report.counts.items()}
+
+
 def _set_aside_suspicious(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: TrainSettings,
                           names: list[str] | None, report: TrainReport) -> tuple[np.ndarray, np.ndarray]:
     """Photos out of place (a goldfish among faces, a copy filed under two classes), found before
@@ -150,80 +176,109 @@ def _set_aside_suspicious(base: Base, feats: np.ndarray, labels: np.ndarray, cla
     if any(not (labels[keep] == c).any() for c in range(len(classes))):
         return feats, labels  # never leave a class empty: keep them, the warning says why
     report.left_out = int((~keep).sum())
+    report.counts = {c: int((labels[keep] == i).sum()) for i, c in enumerate(classes)}  # what was used
     return feats[keep], labels[keep]
 
 
-def trade(held: np.ndarray, labels: np.ndarray, world: np.ndarray, k: int,
-          shares: tuple[float, ...] = (0.005, 0.01, 0.03, 0.10)) -> list[dict[str, float]]:
-    """New-class held-out accuracy against the share of held-out background taken, the new classes'
-    logits lowered or raised until each share is just met: the trade a head makes, made visible."""
-    w_gap = world[:, k:].max(1) - world[:, :k].max(1)  # > shift: the new classes take the photo
-    h_gap = held[:, k:].max(1) - held[:, :k].max(1)
-    right = held[:, k:].argmax(1) == labels
-    out = []
-    for share in shares:
-        for d in np.linspace(-20, 20, 161):  # the shift of the new classes' logits, lowest first
-            taken = float((w_gap > d).mean())
-            if taken <= share:
-                out.append({"max_taken": share, "taken": taken, "accuracy": float((right & (h_gap > d)).mean()),
-                            "shift": float(d)})
-                break
-    return out
+class _Steps:
+    """train-head's fits, counted on one progress line with the time left (each fit's own steps are
+    too short to show)."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.t0 = total, 0, time.monotonic()
+
+    def next(self, what: str) -> None:
+        progress("training", self.done, self.total, f"({what}){eta(self.t0, self.done, self.total)}")
+        self.done += 1
+
+    def end(self) -> None:
+        progress("training", self.total, self.total, f"in {time.monotonic() - self.t0:.1f}s")
+
+
+def _judged_against(background: Background | None, feats: np.ndarray, report: TrainReport) -> Background | None:
+    """The background less near-copies of training photos (a class trained on background photos is
+    not judged on them), or None with a warning when too few are left."""
+    if background is None:
+        return None
+    kept = background.without(feats[:, 0])
+    if len(kept) >= MIN_BACKGROUND:
+        return kept
+    report.warnings.append(
+        f"{len(background) - len(kept)} of the {len(background)} background photos ({background.source}) are "
+        f"near-copies of your training photos, leaving {len(kept)}: too few to judge the head against, so it "
+        "was trained with no background (its gate comes from your photos alone and it may take photos of "
+        "other kinds). Give photos of everyday things that are none of your classes with --negatives DIR")
+    return None
+
+
+def _heldout_check(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: TrainSettings,
+                   parts: tuple[np.ndarray, np.ndarray], negatives: np.ndarray | None, background: Background | None,
+                   stats: Statistics | None, report: TrainReport) -> None:
+    """A head fitted on the training split (and half the background) judged on the held-out photos
+    (and the other half): accuracy per class, background taken per class, the trade."""
+    tr, ho = parts
+    bg_fit, bg_held = background, None
+    if background is not None and len(background) >= 40:
+        order = np.random.default_rng(s.seed).permutation(len(background))
+        half = len(order) // 2
+        bg_fit = Background(background.features[order[:half]], background.source)
+        bg_held = background.features[order[half:]]
+    probe = fit(base, feats, labels[tr], classes, s, "training (held-out check)", negatives, bg_fit, tr, stats)
+    report.heldout = heldout_accuracy(score_features(base, probe, feats[ho, 0]), labels[ho], classes)
+    small = [c for i, c in enumerate(classes) if (labels == i).sum() < MIN_HELD]
+    if small:
+        one = len(small) == 1
+        report.warnings.append(
+            f"{_listed(small)} {'has' if one else 'have'} fewer than {MIN_HELD} photos: {'it trains' if one else 'they train'}"
+            f" on all of them, so held-out accuracy is measured for the other classes only and says nothing about "
+            f"{'it' if one else 'them'}; add photos (at least {MIN_HELD}, 20 or more to trust the figures)")
+    if bg_held is not None:
+        report.heldout["background_taken"] = taken_share(base, probe, bg_held)
+        report.heldout["background_photos"] = int(len(bg_held))
+        named = score_features(base, probe, bg_held).argmax(1) - len(base.labels)
+        report.heldout["background_taken_per_class"] = {c: float((named == i).mean()) for i, c in enumerate(classes)}
+        report.checks["trade"] = trade(score_features(base, probe, feats[ho, 0]), labels[ho],
+                                       score_features(base, probe, bg_held), len(base.labels))
 
 
 def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
                s: TrainSettings, negatives: np.ndarray | None = None,
                background: Background | None = None, names: list[str] | None = None) -> tuple[Head, TrainReport]:
     """Report held-out accuracy on a seeded split, and the share of held-out background photos
-    taken (the head of that check is fitted on the other half of the background), then train the
-    final head on every photo and the whole background."""
+    taken (the head of that check is fitted on the other half of the background), strangers (each
+    class left out in turn), then train the final head on every photo and the whole background."""
     t0 = time.time()
     counts = {c: int((labels == i).sum()) for i, c in enumerate(classes)}
     missing = [c for c, n in counts.items() if n == 0]
     if missing:
         raise ExtendserveError(f"no readable photos for class(es) {missing}; add photos or remove the folder")
     report = TrainReport(counts=counts)
-    if background is not None:  # a class trained on background photos is not judged on those photos
-        kept = background.without(feats[:, 0])
-        if len(kept) < MIN_BACKGROUND:
-            report.warnings.append(
-                f"{len(background) - len(kept)} of the {len(background)} background photos ({background.source}) are "
-                f"near-copies of your training photos, leaving {len(kept)}: too few to judge the head against, so it "
-                "was trained with no background (its gate comes from your photos alone and it may take photos of "
-                "other kinds). Give photos of everyday things that are none of your classes with --negatives DIR")
-            background = None
-        else:
-            background = kept
+    background = _judged_against(background, feats, report)
     feats, labels = _set_aside_suspicious(base, feats, labels, classes, s, names, report)
+    stats = None
+    if s.method == "calibrated":  # one sum of every view's second moment for all the fits below
+        p = power_of(feats, background, s)
+        stats = Statistics(power(feats, p), p)
     parts = split(labels, s.holdout, s.seed)
+    strangers = len(classes) >= 2 and s.check_strangers
+    steps = _Steps((parts is not None) + (min(len(classes), MAX_LEFT_OUT) if strangers else 0) + 1)
     if parts is not None:
-        tr, ho = parts
-        bg_fit, bg_held = background, None
-        if background is not None and len(background) >= 40:
-            order = np.random.default_rng(s.seed).permutation(len(background))
-            half = len(order) // 2
-            bg_fit = Background(background.features[order[:half]], background.source)
-            bg_held = background.features[order[half:]]
-        probe = fit(base, feats, labels[tr], classes, s, "training (held-out check)", negatives, bg_fit, rows=tr)
-        report.heldout = heldout_accuracy(score_features(base, probe, feats[ho, 0]), labels[ho], classes)
-        if bg_held is not None:
-            report.heldout["background_taken"] = taken_share(base, probe, bg_held)
-            report.heldout["background_photos"] = int(len(bg_held))
-            report.checks["trade"] = trade(score_features(base, probe, feats[ho, 0]), labels[ho],
-                                           score_features(base, probe, bg_held), len(base.labels))
-    if 2 <= len(classes) <= s.check_strangers:
+        steps.next("held-out check")
+        _heldout_check(base, feats, labels, classes, s, parts, negatives, background, stats, report)
+    if strangers:
         def fit_without(c: int) -> Head:
+            steps.next(f"strangers check: {classes[c]} left out")
             rows = np.flatnonzero(labels != c)
             return fit(base, feats, labels[rows] - (labels[rows] > c), [k for i, k in enumerate(classes) if i != c], s,
-                       f"strangers check ({classes[c]} left out)", negatives, background, rows=rows)
+                       f"strangers check ({classes[c]} left out)", negatives, background, rows, stats)
 
-        report.checks |= strangers_named(fit_without, lambda h, f: score_features(base, h, f), feats[:, 0], labels,
-                                         len(classes), len(base.labels), s.seed) or {}
-    elif len(classes) > s.check_strangers:
-        report.warnings.append(
-            f"strangers not measured: {len(classes)} classes is over the {s.check_strangers} for which train-head "
-            "leaves each class out in turn (it fits one head per class left out); how often a stranger is named as "
-            "one of your classes is unknown for this head")
-    head = fit(base, feats, labels, classes, s, "training", negatives, background)
+        found = strangers_named(fit_without, lambda h, f: score_features(base, h, f), feats[:, 0], labels,
+                                len(classes), len(base.labels), s.seed) or {}
+        if found:
+            found["per_class"] = {classes[c]: share for c, share in found["per_class"].items()}
+        report.checks |= found
+    steps.next("the head")
+    head = fit(base, feats, labels, classes, s, "training", negatives, background, stats=stats)
+    steps.end()
     report.seconds = time.time() - t0
     return head, report
