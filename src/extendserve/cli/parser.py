@@ -112,6 +112,8 @@ def _eval_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", default=None, help=MODEL_HELP)
     e.add_argument("--new", help="class-per-folder photos of the new classes")
     e.add_argument("--imagenet", help="photos named <synset>_<name>.JPEG")
+    e.add_argument("--train", metavar="DIR", help="the folder the heads were trained on: held-out photos that are "
+                                                  "near-copies of its photos are named, and the figures given without them")
     e.add_argument("--report", metavar="FILE.html", help="also write a self-contained page: accuracy per class, a "
                                                           "confusion matrix, thumbnails of the photos behind the mistakes")
     e.add_argument("--json", action="store_true")

@@ -52,13 +52,20 @@ def photo_digests(files: list[Any]) -> list[str]:
     return sorted({photo_digest(f) for f in files})
 
 
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
 def _print_checks(report: Any) -> None:
     """What the head will do, before it ships: suspicious photos, strangers, the trade it makes."""
     from ..heads.checks import STRANGERS_WARN
 
     for x in report.suspicious:
-        err(f"WARNING: {x['file']}: {x['why']}; " + ("left out of training (--keep-suspicious keeps it)"
-                                                      if report.left_out else "kept in training"))
+        far = (f"{x['score']:.2f} deviations below its class's typical likeness, flagged past {x['limit']:g}"
+               if "copy" not in x["why"] else f"likeness {x['score']:.3f}, a copy from {x['limit']:.3f}")
+        err(f"WARNING: {x['file']}: {x['why']} ({far}; the {_ordinal(x['rank'])} most out of place of "
+            f"{sum(report.counts.values()) + report.left_out} photos); " + ("left out of training (--keep-suspicious keeps it)"
+                                            if report.left_out else "kept in training"))
     c = report.checks
     if "strangers_named" in c:
         score = f", with a mean score of {c['strangers_score']:.2f}" if c.get("strangers_score") is not None else ""

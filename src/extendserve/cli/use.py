@@ -51,7 +51,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     if a.report and Path(a.report).is_dir():
         raise ExtendserveError(f"--report {a.report} is a folder; give a file name such as {Path(a.report) / 'report.html'}")
-    res = a.result = evaluate(str(model_folder(a.model)[0]), new=a.new, imagenet=a.imagenet, photos=bool(a.report))
+    res = a.result = evaluate(str(model_folder(a.model)[0]), new=a.new, imagenet=a.imagenet, photos=bool(a.report),
+                                  train=a.train)
     if a.report:
         from ..evaluation.report import write_report
 

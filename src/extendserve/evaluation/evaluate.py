@@ -14,6 +14,7 @@ import numpy as np
 
 from ..bases.imagenet import synset_index
 from ..errors import ExtendserveError
+from ..names import escaped
 from ..photos.preprocess import list_images
 from ..serving.runtime import Model
 
@@ -54,9 +55,10 @@ def _top_scores(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None,
-             photos: bool = False) -> dict[str, Any]:
+             photos: bool = False, train: str | None = None) -> dict[str, Any]:
     """``photos``: also each photo's path, truth, answer and score (``res["photos"]``), for
-    :mod:`report`'s confusion matrix and thumbnails."""
+    :mod:`report`'s confusion matrix and thumbnails; ``train``: the folder the heads were trained
+    on, to find held-out photos that are near-copies of training photos (:mod:`copies`)."""
     if not new and not imagenet:
         raise ExtendserveError("nothing to evaluate: give --new DIR (held-out photos of the new classes, one folder "
                                "a class) and/or --imagenet DIR (photos named <synset>_<name>.JPEG)")
@@ -65,6 +67,10 @@ def evaluate(model_dir: str, new: str | None = None, imagenet: str | None = None
     seen: list[dict[str, Any]] = []  # every photo given, with its answer (the report's thumbnails need them)
     if new:
         out["new"] = _new_classes(model, new, seen)
+        if train:
+            from .copies import near_copies
+
+            out["new"]["near_copies"] = near_copies(model, [x for x in seen if x["set"] == "new"], train)
     if imagenet:
         out["imagenet"] = _imagenet(model, imagenet, seen)
     given = [Path(x["path"]) for x in seen]
@@ -134,6 +140,28 @@ def _imagenet(model: Model, imagenet: str, seen: list[dict[str, Any]]) -> dict[s
     }
 
 
+def _copies_lines(found: dict[str, Any] | None) -> list[str]:
+    """Held-out photos that are near-copies of training photos, per class, and the figures without them."""
+    if found is None:
+        return ["  near-copies of training photos (the same shot shifted, mirrored, re-lit): not looked for; give "
+                "--train DIR, the folder the heads were trained on"]
+    if not found["near_copies"]:
+        return [f"  no held-out photo is a near-copy of a photo in {escaped(found['training_folder'])} "
+                f"(likeness limit {found['limit']:.3f})"]
+    without = found["accuracy_without"]
+    lines = [f"WARNING: {found['near_copies']} held-out photos are near-copies of training photos in "
+             f"{escaped(found['training_folder'])} (likeness at least {found['limit']:.3f}): the figures with them are "
+             f"optimistic; without them: " + (f"{without:.3f} on {found['photos_without']} photos" if without is not None
+                                              else "no photo is left")]
+    for c, r in found["per_class"].items():
+        if r["near_copies"]:
+            w = "-" if r["accuracy_without"] is None else f"{r['accuracy_without']:.3f}"
+            lines.append(f"  {escaped(c)}: {r['near_copies']} of {r['photos']} near-copies; accuracy {r['accuracy']:.3f} "
+                         f"with them, {w} without")
+            lines += [f"    {escaped(e['held_out'])} ~ {escaped(e['training'])} ({e['likeness']:.3f})" for e in r["examples"]]
+    return lines
+
+
 def render(res: dict[str, Any]) -> str:
     lines = [f"model {res['model']} ({res['classes']} classes)"]
     for head, n in (res.get("training_photos") or {}).items():
@@ -148,6 +176,7 @@ def render(res: dict[str, Any]) -> str:
         lines.append(f"\nnew classes: {n['accuracy']:.3f} top-1 among all classes ({n['photos']} photos)")
         for c, r in n["per_class"].items():
             lines.append(f"  {r['accuracy']:6.3f}  {r['correct']:3d}/{r['photos']:<3d} {c}")
+        lines += _copies_lines(n.get("near_copies"))
         if n["confusions"]:
             lines.append("  most frequent confusions:")
             lines += [f"    {x['count']:3d}  {x['true']} -> {x['predicted']}" for x in n["confusions"]]

@@ -111,7 +111,8 @@ def _gallery(title: str, photos: list[dict[str, Any]], empty: str, css: str) -> 
 
 
 STYLE = """.plot .frame{fill:none;stroke:#ccc}.plot .curve{fill:none;stroke:#36c;stroke-width:2}.plot circle{fill:#36c}
-.plot .ref{stroke:#aaa;stroke-dasharray:4}.plot text{font-size:11px}.warning{background:#fff3cd;padding:.2rem 1rem}
+.plot .ref{stroke:#aaa;stroke-dasharray:4}.plot text{font-size:11px}
+.plot .tick{font-size:10px;fill:#555}.warning{background:#fff3cd;padding:.2rem 1rem}
 body{font-family:system-ui,sans-serif;margin:1.5rem;max-width:1200px;color:#222}
 h1{font-size:1.4rem}h2{font-size:1.1rem;margin-top:2rem}.cards{display:flex;flex-wrap:wrap;gap:1rem}
 .card{border:1px solid #ddd;border-radius:8px;padding:.7rem 1rem;min-width:12rem}.card b{font-size:1.5rem;display:block}
@@ -123,9 +124,10 @@ figure.taken img{border-color:#d98a00}.matrix{overflow-x:auto}small{color:#666}"
 
 
 def _plot_svg(points: list[tuple[float, float]], xlabel: str, ylabel: str, diagonal: bool = False,
-              sizes: list[int] | None = None) -> str:
-    """A small line plot of 0-1 values: the trade curve, the reliability diagram."""
-    w, h, m = 300, 220, 40
+              sizes: list[int] | None = None, xtick: Any = "{:g}".format) -> str:
+    """A small line plot of 0-1 values: the trade curve, the reliability diagram; numbers on both
+    axes at 0, 0.25 ... 1 (``xtick``: how an x value is written)."""
+    w, h, m = 320, 230, 46
 
     def xy(x: float, y: float) -> tuple[float, float]:
         return m + x * (w - m - 10), h - m - y * (h - m - 10)
@@ -134,10 +136,14 @@ def _plot_svg(points: list[tuple[float, float]], xlabel: str, ylabel: str, diago
     dots = "".join(f'<circle cx="{xy(x, y)[0]:.1f}" cy="{xy(x, y)[1]:.1f}" r="3"><title>{x:.3f}, {y:.3f}'
                    f'{f" ({sizes[i]} photos)" if sizes else ""}</title></circle>' for i, (x, y) in enumerate(points))
     ref = f'<line x1="{xy(0, 0)[0]}" y1="{xy(0, 0)[1]}" x2="{xy(1, 1)[0]}" y2="{xy(1, 1)[1]}" class="ref"/>' if diagonal else ""
+    ticks = "".join(f'<text x="{xy(v, 0)[0]:.1f}" y="{h - m + 14}" text-anchor="middle" class="tick">'
+                    f'{html.escape(xtick(v))}</text>'
+                    f'<text x="{m - 4}" y="{xy(0, v)[1] + 4:.1f}" text-anchor="end" class="tick">{v:g}</text>'
+                    for v in (0, 0.25, 0.5, 0.75, 1))
     return (f'<svg viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" class="plot">'
-            f'<rect x="{m}" y="10" width="{w - m - 10}" height="{h - m - 10}" class="frame"/>{ref}'
+            f'<rect x="{m}" y="10" width="{w - m - 10}" height="{h - m - 10}" class="frame"/>{ref}{ticks}'
             f'<polyline points="{line}" class="curve"/>{dots}'
-            f'<text x="{w / 2}" y="{h - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+            f'<text x="{(w + m) / 2}" y="{h - 6}" text-anchor="middle">{html.escape(xlabel)}</text>'
             f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" text-anchor="middle">{html.escape(ylabel)}</text>'
             "</svg>")
 
@@ -155,10 +161,10 @@ def _checks_sections(res: dict[str, Any], photos: list[dict[str, Any]]) -> tuple
                          f'<b>{c["strangers_named"]:.0%}</b>measured at train-head, each class left out in turn</div>')
         if c.get("trade"):
             pts = [(min(1.0, t["max_taken"] * 10), t["accuracy"]) for t in c["trade"]]
+            plot = _plot_svg(pts, "background photos taken", "held-out accuracy", xtick=lambda v: f"{v * 10:g}%")
             sections.append(f"<section><h2>The trade, head {html.escape(head)}</h2><p>Held-out new-class accuracy "
-                            "against the share of the base's background photos taken (x: share x 10, so 0.1 is 1%; "
-                            f"train-head --max-taken chooses the point).</p>{_plot_svg(pts, 'background taken x10', 'accuracy')}"
-                            "</section>")
+                            "against the share of the base's background photos taken (train-head --max-taken chooses "
+                            f"the point).</p>{plot}</section>")
     new = [p for p in photos if p["set"] == "new"]
     if new:
         edges = np.linspace(0, 1, 11)

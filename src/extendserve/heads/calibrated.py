@@ -121,7 +121,7 @@ class Fitted:
         return self.h(self.evidence(feats, world_d)).max(1) - _log_softmax(feats @ self.base_w.T + self.base_b).max(1)
 
 
-def _out_of_fold(stats: Statistics, rows: np.ndarray, labels: np.ndarray, n: int,
+def out_of_fold(stats: Statistics, rows: np.ndarray, labels: np.ndarray, n: int,
                  s: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class distances and ranker scores [m, n] of each training photo's served view (photos
     ``stats.t[rows]``) by the metric and ranker fitted without its fold, and which classes that fold's
@@ -193,12 +193,25 @@ def power_of(feats: np.ndarray, background: Background | None, s: Any) -> float:
     return s.tukey if low >= 0 and (background is None or background.features.min() >= 0) else 1.0
 
 
+Evidence = tuple[np.ndarray, np.ndarray, np.ndarray]  # out-of-fold class distances, ranker scores, known classes
+
+
+def without_class(oof: Evidence, labels: np.ndarray, c: int) -> Evidence:
+    """All photos' out-of-fold evidence less class ``c``'s photos and column: a left-out-class
+    head's own, but for its folds' fits having seen class c (the strangers check's heads take it
+    rather than fitting five folds each: 48 of the 60 fits of ten classes)."""
+    keep = labels != c
+    cols = np.arange(oof[0].shape[1]) != c
+    return tuple(x[keep][:, cols] for x in oof)  # type: ignore[return-value]
+
+
 def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str], s: Any,
                    background: Background | None, label: str = "training", rows: np.ndarray | None = None,
-                   stats: Statistics | None = None) -> Head:
+                   stats: Statistics | None = None, oof: Evidence | None = None) -> Head:
     """A ``calibrated`` head from training features [m, V, D] (``feats[rows]`` when given, read
     without copying them all; ``labels`` are theirs) and the base's world (or None). ``stats``: the
-    run's shared :class:`Statistics` of ``feats`` (made here when not given or of another power)."""
+    run's shared :class:`Statistics` of ``feats`` (made here when not given or of another power);
+    ``oof``: these photos' out-of-fold evidence when it is already known (:func:`out_of_fold`)."""
     n = len(classes)
     rows = np.arange(len(feats)) if rows is None else np.asarray(rows)
     if background is not None:  # near-copies of a training photo do not judge it
@@ -210,7 +223,7 @@ def fit_calibrated(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
         stats = Statistics(power(feats, p), p)
     centre = feats[rows, 0]
     metric, rw, rb = stats.fit(rows, labels, n, s.gate_shrinkage, s.gate_rank, s.ranker_ridge)
-    oof = _out_of_fold(stats, rows, labels, n, s)
+    oof = out_of_fold(stats, rows, labels, n, s) if oof is None else oof
     fitted = Fitted(p, metric, None, rw, rb, np.zeros(4), 0.0, base.weight, base.bias)
     if background is not None:
         figures = _against_world(fitted, base, centre, stats.t[rows, 0], labels, n, oof, background, s)

@@ -64,27 +64,22 @@ def copy_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def suspicious(centre: np.ndarray, labels: np.ndarray, classes: list[str], names: list[str],
-               base_probs: np.ndarray, base_labels: list[str], views: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """The photos that look out of place (their row, file name and class), each with its reason.
-    ``views``: every photo's view features [n, views, D], for copies mirrored, cropped or re-lit."""
+               base_probs: np.ndarray, base_labels: list[str], views: np.ndarray | None = None,
+               outlier_z: float = OUTLIER_Z) -> list[dict[str, Any]]:
+    """The photos that look out of place (their row, file name and class), each with its reason and
+    how far out it is: ``score`` (robust deviations below its class's typical likeness to the class,
+    or a copy's likeness), ``limit`` (what flags it) and ``rank`` (1: the most out of place of all the
+    photos). ``views``: every photo's view features [n, views, D], for mirrored, cropped or re-lit copies."""
     x = _unit(np.sqrt(np.maximum(centre, 0)))
     found: dict[int, str] = {}
     cents = np.stack([_unit(x[labels == c].sum(0)) if (labels == c).any() else np.zeros(x.shape[1])
                       for c in range(len(classes))])
-    typical: dict[int, tuple[float, float]] = {}  # each class's median similarity to its mean, and its spread
-    own = np.zeros(len(x))
-    for c in range(len(classes)):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < 4:
-            continue  # too few to say what the class looks like
-        total = x[idx].sum(0)
-        own[idx] = [_unit(total - x[i]) @ x[i] for i in idx]
-        med = float(np.median(own[idx]))
-        typical[c] = (med, max(float(np.median(np.abs(own[idx] - med))) * 1.4826, MAD_FLOOR))
-    for i in range(len(x)):
+    typical, z = _typical(x, labels, len(classes))
+    rank = np.empty(len(x), np.int64)
+    rank[np.argsort(-z, kind="stable")] = np.arange(1, len(x) + 1)
+    how: dict[int, tuple[float, float]] = {}
+    for i in np.flatnonzero(z > outlier_z):
         c = int(labels[i])
-        if c not in typical or (own[i] - typical[c][0]) / typical[c][1] >= -OUTLIER_Z:
-            continue
         sims = cents @ x[i]
         sims[c] = -1
         other = int(sims.argmax())
@@ -96,14 +91,36 @@ def suspicious(centre: np.ndarray, labels: np.ndarray, classes: list[str], names
                         f"other photos of '{classes[c]}'")
         else:
             found[i] = f"unlike the other photos of '{classes[c]}'"
+        how[int(i)] = (float(z[i]), outlier_z)
     sim = near_copy_scores(views, views) if views is not None else x @ x.T
     sim = np.maximum(sim, sim.T)  # a copy of either way round
     limit = copy_threshold(sim, labels) if views is not None else DUPLICATE_COS
     a, b = np.nonzero(np.triu(sim >= limit, 1) & (labels[:, None] != labels[None]))
     for i, j in zip(a, b):
         for p, q in ((i, j), (j, i)):
-            found.setdefault(int(p), f"a near-copy of {names[q]} in '{classes[labels[q]]}'")
-    return [{"index": i, "file": names[i], "class": classes[labels[i]], "why": why} for i, why in sorted(found.items())]
+            if int(p) not in found:
+                found[int(p)] = f"a near-copy of {names[q]} in '{classes[labels[q]]}'"
+                how[int(p)] = (float(sim[i, j]), limit)
+    return [{"index": i, "file": names[i], "class": classes[labels[i]], "why": why, "score": round(how[i][0], 3),
+             "limit": round(how[i][1], 3), "rank": int(rank[i])} for i, why in sorted(found.items())]
+
+
+def _typical(x: np.ndarray, labels: np.ndarray, n: int) -> tuple[dict[int, tuple[float, float]], np.ndarray]:
+    """Each class's median likeness of a photo to the rest of the class (leave-one-out mean) and its
+    robust spread (MAD, floored at MAD_FLOOR), and each photo's deviations below it (0 in classes
+    of under 4 photos: too few to say what the class looks like)."""
+    typical: dict[int, tuple[float, float]] = {}
+    z = np.zeros(len(x))
+    for c in range(n):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 4:
+            continue
+        total = x[idx].sum(0)
+        own = np.array([_unit(total - x[i]) @ x[i] for i in idx])
+        med = float(np.median(own))
+        typical[c] = (med, max(float(np.median(np.abs(own - med))) * 1.4826, MAD_FLOOR))
+        z[idx] = (med - own) / typical[c][1]
+    return typical, z
 
 
 def strangers_named(fit_without: Callable[[int], Any], score: Callable[[Any, np.ndarray], np.ndarray],

@@ -143,7 +143,8 @@ class Model:
     def top_k(self, probs: np.ndarray, k: int, min_score: float | None = None) -> list[list[Prediction]]:
         """Probability rows -> their top ``k`` (checked by :meth:`check_top_k`), best first; where the
         best is under ``min_score`` (default the model's, ``build --min-score``), an explicit
-        ``unknown`` comes first (index -1, head 'none', the best score), the others still following."""
+        ``unknown`` comes first, one of the ``k`` (index -1, head 'none', score 1 - the best score: the
+        chance, the scores being calibrated, that the best class is wrong), the best k - 1 following."""
         floor = self.manifest.min_score if min_score is None else min_score
         if floor is not None and not 0 <= floor <= 1:
             raise ExtendserveError(f"min_score must be from 0 to 1, not {floor}")
@@ -152,7 +153,7 @@ class Model:
         for row, p in zip(idx, probs):
             preds = [Prediction(self.labels[i], int(i), float(p[i]), str(self.head_of[i])) for i in row]
             if floor is not None and preds[0].score < floor:
-                preds.insert(0, Prediction(UNKNOWN, -1, preds[0].score, "none"))
+                preds = [Prediction(UNKNOWN, -1, 1.0 - preds[0].score, "none"), *preds[: k - 1]]
             out.append(preds)
         return out
 

@@ -13,7 +13,7 @@ from ..bases.base import Base
 from ..bases.world import MIN_BACKGROUND, Background
 from ..config import GATES
 from ..errors import ExtendserveError
-from ..heads.calibrated import fit_calibrated, power, power_of
+from ..heads.calibrated import Evidence, fit_calibrated, out_of_fold, power, power_of, without_class
 from ..heads.checks import MAX_LEFT_OUT, strangers_named, suspicious, trade
 from ..heads.fit import fit_joint, fit_softmax
 from ..heads.gated import fit_gated
@@ -106,12 +106,12 @@ def classifier(base: Base) -> tuple[torch.Tensor, torch.Tensor]:
 def fit(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
         s: TrainSettings, label: str = "training", negatives: np.ndarray | None = None,
         background: Background | None = None, rows: np.ndarray | None = None,
-        stats: Statistics | None = None) -> Head:
+        stats: Statistics | None = None, oof: Evidence | None = None) -> Head:
     """One head by ``s.method`` on ``feats`` (or ``feats[rows]``; ``labels`` are theirs); the merged
     model scores it as the method says. ``background`` (the base's world, :mod:`world`) is what the
-    calibrated head is judged against; ``stats``: what the run's calibrated fits share."""
+    calibrated head is judged against; ``stats``, ``oof``: what the run's calibrated fits share."""
     if s.method == "calibrated":  # reads feats[rows] a chunk at a time
-        return fit_calibrated(base, feats, labels, classes, s, background, label, rows, stats)
+        return fit_calibrated(base, feats, labels, classes, s, background, label, rows, stats, oof)
     if rows is not None:
         feats = feats[rows]
     common = dict(classes=list(classes), backbone=base.name, backbone_digest=base.digest,
@@ -265,12 +265,16 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
     if parts is not None:
         steps.next("held-out check")
         _heldout_check(base, feats, labels, classes, s, parts, negatives, background, stats, report)
+    oof = None
+    if stats is not None and (strangers or background is not None):  # every photo's, for the head and the strangers'
+        oof = out_of_fold(stats, np.arange(len(labels)), labels, len(classes), s)
     if strangers:
         def fit_without(c: int) -> Head:
             steps.next(f"strangers check: {classes[c]} left out")
             rows = np.flatnonzero(labels != c)
             return fit(base, feats, labels[rows] - (labels[rows] > c), [k for i, k in enumerate(classes) if i != c], s,
-                       f"strangers check ({classes[c]} left out)", negatives, background, rows, stats)
+                       f"strangers check ({classes[c]} left out)", negatives, background, rows, stats,
+                       None if oof is None else without_class(oof, labels, c))
 
         found = strangers_named(fit_without, lambda h, f: score_features(base, h, f), feats[:, 0], labels,
                                 len(classes), len(base.labels), s.seed) or {}
@@ -278,7 +282,7 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
             found["per_class"] = {classes[c]: share for c, share in found["per_class"].items()}
         report.checks |= found
     steps.next("the head")
-    head = fit(base, feats, labels, classes, s, "training", negatives, background, stats=stats)
+    head = fit(base, feats, labels, classes, s, "training", negatives, background, stats=stats, oof=oof)
     steps.end()
     report.seconds = time.time() - t0
     return head, report
