@@ -48,6 +48,10 @@ serve: install model
 	$(BIN)/bentoml serve --host $(HOST) --port $(PORT)
 
 # Chromium for the /ui browser test (Debian's package; the test skips without it).
+prometheus:  # a real Prometheus and promtool for tests/serving/test_prometheus.py (Debian's package)
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		prometheus >/dev/null) || echo "prometheus not installed: its tests will skip"
+
 browser:
 	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: the browser test will skip"
@@ -110,4 +114,4 @@ image-deps:
 test-image: image install-test
 	$(BIN)/python -m pytest -q tests/serving/image_check.py
 
-.PHONY: test-repeat validate-deploy image image-gpu image-deps test-image install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser
+.PHONY: prometheus test-repeat validate-deploy image image-gpu image-deps test-image install install-test model serve test bench burst bench-calibration bench-unfreeze bench-world browser

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ class Decoding:
     decoded 12 MP photo is 36 MB; six concurrent batches once took a worker from 333 MB to 1 GB for
     good), and what decoding will hold (read from the photo's header) taken from the budget first."""
 
-    def __init__(self, model: Any, budget: MemoryBudget, max_upload: int, at_once: int):
-        self.model, self.budget, self.max_upload = model, budget, max_upload
+    def __init__(self, model: Any, budget: MemoryBudget, max_upload: int, at_once: int,
+                 decoded: Callable[[float], None] = lambda seconds: None):
+        self.model, self.budget, self.max_upload, self.decoded = model, budget, max_upload, decoded
         self.slots = asyncio.Semaphore(at_once)
 
     async def __call__(self, photo: Path | bytes | memoryview, name: str) -> np.ndarray:
@@ -42,7 +45,10 @@ class Decoding:
             except OverBudget as e:
                 raise ClientError(503, e.message) from None
             try:
-                return await asyncio.to_thread(self.model.prepare, data, name)
+                t0 = time.perf_counter()
+                pixels = await asyncio.to_thread(self.model.prepare, data, name)
+                self.decoded(time.perf_counter() - t0)
+                return pixels
             except BadImageError as e:
                 raise ClientError(400, str(e)) from None
             finally:

@@ -39,6 +39,7 @@ from .decoding import Decoding
 from .edge import ClientError, HttpEdge, answers_client_errors
 from .metrics import bound_bentoml_metrics
 from .schema import Classification, Info, MinScore, TopK, info_payload, with_description
+from .series import Series
 from .v2 import attach as attach_v2
 
 log = logging.getLogger("extendserve")
@@ -108,13 +109,13 @@ class Classifier:
                     ", ".join(self.model.providers))
         max_batch = S.batch_for(self.model.device)
         self.model.warm_up(sorted({1, max_batch}))  # grow memory arenas to the largest batch now
-        # An in-process batcher, not @bentoml.api(batchable=True): a batchable API takes one argument
-        # (BentoML 1.4's batch_infer), so top_k and a batch's many photos would need a second service
-        # and a hop between processes. bench/serving/http_bench.py, 16 clients, 2 cores: 0.82 of the in-process
-        # rate batching within 4 ms, 0.62 without.
+        # An in-process batcher, not @bentoml.api(batchable=True), whose one argument leaves no room for top_k
+        # (bench/serving/http_bench.py, 16 clients, 2 cores: 0.82 of the in-process rate within 4 ms, 0.62 without).
         self.batcher = MicroBatcher(self.model.probabilities, max_batch=max_batch, max_wait_ms=S.batch_ms)
-        self.decode = Decoding(self.model, BUDGET, S.max_upload, S.decoding)
+        self.series = Series.attach(self.model, self.v2_name, S.workers, BUDGET, self.batcher)  # its own series
+        self.decode = Decoding(self.model, BUDGET, S.max_upload, S.decoding, self.series.decoded)
         READY.mark()
+        self.series.ready()
 
     def __is_ready__(self) -> bool:
         """Every worker has loaded and warmed up the model (BentoML's /readyz asks this)."""
@@ -139,15 +140,16 @@ class Classifier:
                             BUDGET.stats() | {"request_limit_bytes": REQUEST_LIMIT})
 
     async def classify_many(self, photos: list[Any], top_k: int, min_score: float | None = None,
-                            gone: Callable[[], Awaitable[bool]] | None = None) -> list[Classification]:
+                            gone: Callable[[], Awaitable[bool]] | None = None,
+                            endpoint: str = "classify") -> list[Classification]:
         """Photos (bytes, views or files) -> one Classification each, in order (the edge answers
         /classify and /classify_batch with it)."""
         try:
             self.model.check_top_k(top_k)
         except ExtendserveError as e:
             raise ClientError(400, str(e)) from None
-        rows = await self.scores(photos, gone)
-        return [Classification(predictions=row) for row in self.model.top_k(np.stack(rows), top_k, min_score)]
+        rows = np.stack(await self.scores(photos, gone))
+        return [Classification(predictions=row) for row in self.series.answer(rows, top_k, min_score, endpoint)]
 
     async def classify_batch_of(self, photos: list[Any], top_k: int, min_score: float | None = None,
                                 gone: Callable[[], Awaitable[bool]] | None = None) -> list[Classification]:
@@ -156,7 +158,7 @@ class Classifier:
         if len(photos) > S.max_batch_photos:
             raise ClientError(413, f"{len(photos)} photos in one request is over the limit of {S.max_batch_photos} "
                                    "(EXTENDSERVE_MAX_BATCH_PHOTOS); split them over several requests")
-        return await self.classify_many(photos, top_k, min_score, gone)
+        return await self.classify_many(photos, top_k, min_score, gone, "classify_batch")
 
     async def scores(self, photos: list[Any], gone: Callable[[], Awaitable[bool]] | None = None,
                      pixels: list[np.ndarray] | None = None) -> list[np.ndarray]:

@@ -8,6 +8,7 @@ load a photo waits at most the window; under load batches fill and the window ne
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -18,10 +19,12 @@ class MicroBatcher:
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
-        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
+        self._queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray], float]] | None = None
         self._task: asyncio.Task[None] | None = None
         self.model_calls = 0  # what batching did so far, shown in /info
         self.photos = 0
+        # told of every model call: its photos' seconds in the queue, the call's seconds (the service's series)
+        self.on_batch: Callable[[list[float], float], None] | None = None
 
     def stats(self) -> dict[str, float]:
         """Model calls and photos so far, and the settings they ran under."""
@@ -35,7 +38,7 @@ class MicroBatcher:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._loop())
         fut: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        await self._queue.put((pixels, fut))
+        await self._queue.put((pixels, fut, time.perf_counter()))
         return await fut
 
     async def _loop(self) -> None:
@@ -57,16 +60,19 @@ class MicroBatcher:
                     batch.append(await asyncio.wait_for(self._queue.get(), left))
                 except asyncio.TimeoutError:
                     break
-            x = np.stack([p for p, _ in batch])
+            x = np.stack([p for p, _, _ in batch])
+            started = time.perf_counter()
             try:
                 out = await asyncio.to_thread(self.fn, x)
             except Exception as e:  # hand the failure to every waiter, keep serving
-                for _, f in batch:
+                for _, f, _ in batch:
                     if not f.done():
                         f.set_exception(e)
                 continue
             self.model_calls += 1
             self.photos += len(batch)
-            for (_, f), row in zip(batch, out):
+            if self.on_batch is not None:
+                self.on_batch([started - t for _, _, t in batch], time.perf_counter() - started)
+            for (_, f, _), row in zip(batch, out):
                 if not f.done():
                     f.set_result(row)

@@ -11,6 +11,7 @@ follows the pod: by default it is what the cgroup's memory limit leaves each wor
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 MB = 2**20
@@ -32,22 +33,29 @@ class MemoryBudget:
         self.held = self.peak = self.refused = 0
         self._high = 0  # the most held since memory was last given back to the system
         self._lock = threading.Lock()  # decode threads give back too
+        self.on_change: Callable[[int, bool], None] | None = None  # told the bytes held after each change, and refusals
 
     def take(self, n: int, what: str) -> None:
         """Take ``n`` bytes for ``what``, or raise :class:`OverBudget` holding nothing."""
         with self._lock:
             if self.held + n > self.limit:
                 self.refused += 1
+                if self.on_change is not None:
+                    self.on_change(self.held, True)
                 raise OverBudget(f"this worker holds {self.held / MB:.0f} MB for requests in progress and {what} needs "
                                  f"{n / MB:.1f} MB more, over its {self.limit / MB:.0f} MB budget ({self.source}); "
                                  "retry shortly")
             self.held += n
             self.peak = max(self.peak, self.held)
             self._high = max(self._high, self.held)
+            if self.on_change is not None:
+                self.on_change(self.held, False)
 
     def give(self, n: int) -> None:
         with self._lock:
             self.held = max(0, self.held - n)
+            if self.on_change is not None:
+                self.on_change(self.held, False)
 
     def idle_after(self, least: int) -> bool:
         """True once, when nothing is held and at least ``least`` bytes were held since the last time:

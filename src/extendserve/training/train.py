@@ -239,6 +239,11 @@ def _heldout_check(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
         report.heldout["background_taken_per_class"] = {c: float((named == i).mean()) for i, c in enumerate(classes)}
         report.checks["trade"] = trade(score_features(base, probe, feats[ho, 0]), labels[ho],
                                        score_features(base, probe, bg_held), len(base.labels))
+    # the service's drift series: the share of live photos less sure than 99% of these (held-out photos
+    # of the classes and of the background) were
+    seen = [score_features(base, probe, x) for x in (feats[ho, 0], bg_held) if x is not None]
+    top = np.concatenate([1.0 / np.exp(z - z.max(1, keepdims=True)).sum(1) for z in seen])
+    report.heldout["top_score_q01"] = float(np.quantile(top, 0.01))
 
 
 def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[str],
