@@ -1,9 +1,8 @@
 """The HTTP service: the merged ONNX model behind BentoML, on the GPU when there is one.
 
-No torch here: onnxruntime, numpy and Pillow only. Decoding runs in worker threads, off the
-event loop, and concurrent requests share model calls through a small in-process batcher.
-Settings and the model are checked when this module is imported, in ``bentoml serve``'s main
-process, so a bad one stops the whole service at once with the fix (see extendserve.serving.served).
+No torch here. Decoding runs in worker threads, off the event loop; concurrent requests share model
+calls through a small in-process batcher. Settings and the model are checked when this module is
+imported, in ``bentoml serve``'s main process: a bad one stops the service with the fix.
 """
 
 from __future__ import annotations
@@ -38,6 +37,7 @@ from extendserve.serving.settings import ServiceSettings
 from .decoding import Decoding
 from .edge import ClientError, HttpEdge, answers_client_errors
 from .metrics import bound_bentoml_metrics
+from .review import Review
 from .schema import Classification, Info, MinScore, TopK, info_payload, with_description
 from .series import Series
 from .v2 import attach as attach_v2
@@ -66,12 +66,12 @@ try:  # checked in bentoml serve's main process: a bad setting or model stops th
     # One memory budget per worker for all its requests hold: set, or what the pod's limit leaves it.
     BUDGET = MemoryBudget(*S.memory_budget((MODEL_DIR / "model.onnx").stat().st_size))
     REQUEST_LIMIT = S.request_limit(BUDGET.limit)
+    REVIEW = Review.from_env()  # opt-in: photos answered 'unknown' or unsure, kept for a person to look at
 except (ExtendserveError, OSError) as e:
     _stop(str(e))
 
 
-# A FastAPI app, so that BentoML puts /info and /ui into the service's OpenAPI spec beside its APIs.
-pages = FastAPI(title="extendserve pages")
+pages = FastAPI(title="extendserve pages")  # so that BentoML puts /info and /ui into the OpenAPI spec
 
 
 @pages.get("/info", response_model=Info)
@@ -90,8 +90,7 @@ async def ui() -> Response:
 @bentoml.asgi_app(pages, path="/")
 @bentoml.service(name="extendserve-classifier", traffic={"timeout": 60}, workers=S.workers)
 class Classifier:
-    # Declared here, as a class attribute, so that `bentoml build` packs the model by reference.
-    if MODEL_TAG is not None:
+    if MODEL_TAG is not None:  # a class attribute, so that `bentoml build` packs the model by reference
         bento_model = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
@@ -142,14 +141,15 @@ class Classifier:
     async def classify_many(self, photos: list[Any], top_k: int, min_score: float | None = None,
                             gone: Callable[[], Awaitable[bool]] | None = None,
                             endpoint: str = "classify") -> list[Classification]:
-        """Photos (bytes, views or files) -> one Classification each, in order (the edge answers
-        /classify and /classify_batch with it)."""
+        """Photos (bytes, views or files) -> one Classification each, in order (/classify, /classify_batch)."""
         try:
             self.model.check_top_k(top_k)
         except ExtendserveError as e:
             raise ClientError(400, str(e)) from None
-        rows = np.stack(await self.scores(photos, gone))
-        return [Classification(predictions=row) for row in self.series.answer(rows, top_k, min_score, endpoint)]
+        answers = self.series.answer(np.stack(await self.scores(photos, gone)), top_k, min_score, endpoint)
+        if REVIEW is not None:
+            await REVIEW.keep(photos, answers)
+        return [Classification(predictions=row) for row in answers]
 
     async def classify_batch_of(self, photos: list[Any], top_k: int, min_score: float | None = None,
                                 gone: Callable[[], Awaitable[bool]] | None = None) -> list[Classification]:
@@ -181,8 +181,8 @@ class Classifier:
     @bentoml.api
     @answers_client_errors
     async def classify(self, image: Path, top_k: TopK = 5, min_score: MinScore | None = None) -> Classification:
-        """One photo (multipart field ``image``, or the photo as the body) -> its top-k labels, scores
-        and heads ('unknown' first when the best score is under ``min_score``, default the model's)."""
+        """One photo (multipart field ``image``, or the body) -> its top-k labels, scores and heads
+        ('unknown' first, one of the k, when the best score is under ``min_score``, default the model's)."""
         return (await self.classify_many([image], top_k, min_score))[0]
 
     @bentoml.api

@@ -20,7 +20,7 @@ from ..errors import ExtendserveError
 from .build import cmd_build, cmd_demo
 from .common import DEFAULT_MODEL_DIR, err
 from .train import cmd_train_head
-from .use import cmd_backbones, cmd_eval, cmd_predict
+from .use import cmd_backbones, cmd_eval, cmd_predict, cmd_review
 
 MODEL_HELP = ("a built model folder, or a store tag (extendserve-NAME:latest); default: models/default when "
               "there is one here, else the demo in the store (extendserve-default:latest)")
@@ -166,6 +166,13 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_predict)
 
     _eval_options(sub.add_parser("eval", help="new-class accuracy, ImageNet photos stolen, ImageNet top-1"))
+
+    v = sub.add_parser("review", help="the photos a service kept for review (EXTENDSERVE_REVIEW_DIR): listed, "
+                                      "and a page of thumbnails with -o")
+    v.add_argument("folder", help="the service's EXTENDSERVE_REVIEW_DIR")
+    v.add_argument("-o", "--output", metavar="FILE.html", help="write a page of thumbnails with the answers")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_review)
 
     d = sub.add_parser("demo", help="build the demo model (ImageNet + two people from PyPI sample photos)")
     d.add_argument("-o", "--output", default=DEFAULT_MODEL_DIR)

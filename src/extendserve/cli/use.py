@@ -93,3 +93,21 @@ def cmd_backbones(a: argparse.Namespace) -> int:
     if sample is None:
         print("(top-1: pass --imagenet DIR, for example ../shared/data/imagenet-sample)")
     return 0
+
+
+def cmd_review(a: argparse.Namespace) -> int:
+    """The photos a service kept for review: a line each (newest first), and a page of thumbnails."""
+    from ..evaluation.review import read_samples, write_review
+
+    samples = a.result = read_samples(a.folder)
+    if a.json:
+        print(json.dumps(samples, indent=2))
+    else:
+        for s in samples:
+            best = s["answers"][0] if s["answers"] else {"label": "-", "score": 0.0}
+            print(f"{escaped(Path(s['path']).name)}  {escaped(best['label'])} {best['score']:.2f}  ({escaped(s['why'])})")
+        print(f"{len(samples)} photos kept for review in {escaped(a.folder)}")
+    if a.output:
+        write_review(samples, a.folder, a.output)
+        print(f"wrote {escaped(a.output)} (open it in a browser)", file=sys.stderr if a.json else sys.stdout)
+    return 0

@@ -14,7 +14,7 @@ from ..errors import ExtendserveError
 from ..sessions import DEVICES
 
 
-def _number(env: Mapping[str, str], name: str, default: float, kind: type = int, least: float = 1,
+def env_number(env: Mapping[str, str], name: str, default: float, kind: type = int, least: float = 1,
             most: float = math.inf) -> Any:
     raw = env.get(name)
     try:
@@ -139,25 +139,25 @@ class ServiceSettings:
         if engine not in ENGINES:
             raise ExtendserveError(f"EXTENDSERVE_ENGINE={engine!r} is not valid; give one of {', '.join(ENGINES)}")
         n = cores()
-        workers = _number(env, "EXTENDSERVE_WORKERS", min(n, 4), int, 1, 64)
+        workers = env_number(env, "EXTENDSERVE_WORKERS", min(n, 4), int, 1, 64)
         # 0: by device (see batch_for); a CPU serves no faster in batches over 4 and holds far more
-        max_batch = _number(env, "EXTENDSERVE_MAX_BATCH", 0, int, 0, 1024)
-        max_request = int(_number(env, "EXTENDSERVE_MAX_REQUEST_MB", 256, float, 0.001, 65536) * 2**20)
+        max_batch = env_number(env, "EXTENDSERVE_MAX_BATCH", 0, int, 0, 1024)
+        max_request = int(env_number(env, "EXTENDSERVE_MAX_REQUEST_MB", 256, float, 0.001, 65536) * 2**20)
         return cls(
             device=device, workers=workers, threads=max(1, n // workers),
-            batch_ms=_number(env, "EXTENDSERVE_BATCH_MS", 4, float, 0, 1000), max_batch=max_batch,
-            max_upload=int(_number(env, "EXTENDSERVE_MAX_UPLOAD_MB", 32, float, 0.001, 4096) * 2**20),
+            batch_ms=env_number(env, "EXTENDSERVE_BATCH_MS", 4, float, 0, 1000), max_batch=max_batch,
+            max_upload=int(env_number(env, "EXTENDSERVE_MAX_UPLOAD_MB", 32, float, 0.001, 4096) * 2**20),
             max_request=max_request,
             # at least one whole request of the largest size, whatever is set
-            max_buffered=(int(_number(env, "EXTENDSERVE_MAX_BUFFERED_MB", 384, float, 1, 1e6) * 2**20)
+            max_buffered=(int(env_number(env, "EXTENDSERVE_MAX_BUFFERED_MB", 384, float, 1, 1e6) * 2**20)
                           if "EXTENDSERVE_MAX_BUFFERED_MB" in env else None),
             request_set="EXTENDSERVE_MAX_REQUEST_MB" in env,
-            heal_s=_number(env, "EXTENDSERVE_HEAL_S", 120, float, 1, 86400),
-            max_batch_photos=_number(env, "EXTENDSERVE_MAX_BATCH_PHOTOS", 256, int, 1, 100_000),
+            heal_s=env_number(env, "EXTENDSERVE_HEAL_S", 120, float, 1, 86400),
+            max_batch_photos=env_number(env, "EXTENDSERVE_MAX_BATCH_PHOTOS", 256, int, 1, 100_000),
             chunk=max(1, min(8, max_batch or 8)),
-            decoding=_number(env, "EXTENDSERVE_MAX_DECODING", max(2, 2 * n // workers), int, 1, 1024),
-            min_rate=_number(env, "EXTENDSERVE_MIN_UPLOAD_KBPS", 16, float, 0, 1e6) * 1024,
-            grace=_number(env, "EXTENDSERVE_UPLOAD_GRACE_S", 5, float, 0.1, 600),
-            admitted=_number(env, "EXTENDSERVE_MAX_CONCURRENCY", 128, int, 1, 100_000),
+            decoding=env_number(env, "EXTENDSERVE_MAX_DECODING", max(2, 2 * n // workers), int, 1, 1024),
+            min_rate=env_number(env, "EXTENDSERVE_MIN_UPLOAD_KBPS", 16, float, 0, 1e6) * 1024,
+            grace=env_number(env, "EXTENDSERVE_UPLOAD_GRACE_S", 5, float, 0.1, 600),
+            admitted=env_number(env, "EXTENDSERVE_MAX_CONCURRENCY", 128, int, 1, 100_000),
             show_paths=env.get("EXTENDSERVE_INFO_PATHS", "0") == "1", engine=engine,
         )
