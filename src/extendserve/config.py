@@ -51,3 +51,6 @@ class PreprocessConfig:
             mean=tuple(float(v) * scale for v in d["mean"]),  # type: ignore[arg-type]
             std=tuple(float(v) * scale for v in d["std"]),  # type: ignore[arg-type]
         )
+
+
+FEATURES = "extendserve/features"  # the pooled features' tensor in a base graph and every merged model (bases.base)

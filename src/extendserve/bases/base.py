@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..config import PreprocessConfig, cache_root
+from ..config import FEATURES, PreprocessConfig, cache_root
 from ..errors import ExtendserveError
 from ..files import FileReadError, read_regular_file, write_atomic
 from .onnx_file import find_classifier, input_of, labels_of, preprocess_of, self_contained
@@ -135,7 +135,6 @@ class Base:
         return nodes
 
 
-FEATURES = "extendserve/features"
 
 
 def _rename(graph: onnx.GraphProto, old: str, new: str) -> None:

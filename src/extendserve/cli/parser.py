@@ -120,6 +120,13 @@ def _eval_options(e: argparse.ArgumentParser) -> None:
     e.set_defaults(func=cmd_eval)
 
 
+def _review_options(v: argparse.ArgumentParser) -> None:
+    v.add_argument("folder", help="the service's EXTENDSERVE_REVIEW_DIR")
+    v.add_argument("-o", "--output", metavar="FILE.html", help="write a page of thumbnails with the answers")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_review)
+
+
 def parser() -> argparse.ArgumentParser:
     from .. import __version__
     from ..bases.registry import DEFAULT_BACKBONE, names
@@ -167,13 +174,7 @@ def parser() -> argparse.ArgumentParser:
 
     _eval_options(sub.add_parser("eval", help="new-class accuracy, ImageNet photos stolen, ImageNet top-1"))
 
-    v = sub.add_parser("review", help="the photos a service kept for review (EXTENDSERVE_REVIEW_DIR): listed, "
-                                      "and a page of thumbnails with -o")
-    v.add_argument("folder", help="the service's EXTENDSERVE_REVIEW_DIR")
-    v.add_argument("-o", "--output", metavar="FILE.html", help="write a page of thumbnails with the answers")
-    v.add_argument("--json", action="store_true")
-    v.set_defaults(func=cmd_review)
-
+    _review_options(sub.add_parser("review", help="the photos a service kept for review (EXTENDSERVE_REVIEW_DIR)"))
     d = sub.add_parser("demo", help="build the demo model (ImageNet + two people from PyPI sample photos)")
     d.add_argument("-o", "--output", default=DEFAULT_MODEL_DIR)
     store_options(d)

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..bases.base import FEATURES
+from ..config import FEATURES
 from ..errors import ExtendserveError
 from ..heads.checks import COPY_VIEWS, copy_threshold, near_copy_scores
 from ..photos.preprocess import list_images, read_photo
+from ..photos.views import photo_views
 from ..progress import eta, progress
 from ..serving.runtime import Model
-from ..training.features import photo_views
 
 BATCH = 8  # photos (of 4 views each) through the model at once
 

@@ -17,19 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..bases.base import PIXELS, Base
-from ..config import PreprocessConfig, cache_root
+from ..config import cache_root
 from ..errors import BadImageError, ExtendserveError
 from ..files import walk, write_atomic
 from ..names import escaped
-from ..photos.preprocess import IMAGE_EXTS, MAX_FILE_BYTES, center_crop, decode, is_hidden, read_photo, resize_shorter
+from ..photos.preprocess import IMAGE_EXTS, MAX_FILE_BYTES, is_hidden, read_photo
+from ..photos.views import VIEWS, photo_views, views  # noqa: F401  (train-head's features are of these)
 from ..progress import eta, progress
 
-# View 0 is exactly what the served model sees; the rest are the training augmentation.
-VIEWS = ("center", "center-flip", "tl", "tr", "bl", "br", "tl-flip", "tr-flip", "bl-flip", "br-flip",
-         "full", "full-flip")
 # Views through the base at once: onnxruntime's arena grows to the largest batch and keeps it, and
 # at 48 views EfficientNet-Lite0's activations held about 0.7 GB of train-head's 1.7 GB peak.
 BATCH = 12
@@ -113,25 +110,6 @@ def _holds_classes(folder: Path) -> bool:
         return with_photos >= 2
     except OSError:
         return False
-
-
-def views(im: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """The VIEWS of one photo as uint8 [len(VIEWS), crop, crop, 3]."""
-    c = cfg.crop
-    big = resize_shorter(im, cfg.resize, cfg.interpolation)
-    center = center_crop(big, c)
-    if big.shape[0] < c or big.shape[1] < c:
-        big = center_crop(big, max(c, *big.shape[:2]))
-    H, W = big.shape[:2]
-    corners = [big[:c, :c], big[:c, W - c :], big[H - c :, :c], big[H - c :, W - c :]]
-    full = center_crop(resize_shorter(im, c, cfg.interpolation), c)
-    out = [center, center[:, ::-1]] + corners + [x[:, ::-1] for x in corners] + [full, full[:, ::-1]]
-    return np.ascontiguousarray(np.stack(out))
-
-
-def photo_views(data: bytes, source: str, cfg: PreprocessConfig) -> np.ndarray:
-    """Photo bytes -> its VIEWS, decoded as the served path decodes (see preprocess.decode)."""
-    return views(decode(data, source, cfg.resize), cfg)
 
 
 class FeatureCache:
