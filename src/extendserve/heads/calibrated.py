@@ -11,7 +11,7 @@ the base knows", a conditional logit on four pieces of evidence, each with one l
 
 - ``-d_k``: Mahalanobis distance to class k's mean (Tukey-transformed, unit-normalised features,
   shrunk covariance shared by the classes: photos' own variation counts less);
-- ``r_k - max r``: a logistic ranker among the new classes (which of them);
+- ``r_k - max r``: a ridge ranker among the new classes (which of them; :mod:`statistics`);
 - ``d_bg``: distance to the base's world, a Gaussian of the background's features (relative
   Mahalanobis: far from the world and near class k is evidence for k);
 - ``conf``: the base's own top log-probability (a photo the base is sure is a goldfish is not
