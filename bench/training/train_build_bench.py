@@ -48,7 +48,7 @@ def main() -> None:
                 ("train-head, warm cache", cli(env, "train-head", str(data), "-o", str(t / "h.pt"))),
                 ("build (merge, export, verify, publish)", cli(env, "build", "--new-head", str(t / "h.pt"), "-o", str(t / "m"))),
                 ("build again over the same dir", cli(env, "build", "--new-head", str(t / "h.pt"), "-o", str(t / "m")))]
-    lines = [f"Photos: {what}; default settings (held-out check + final head).", "",
+    lines = [f"Photos: {what}; default settings (held-out check, strangers, suspicious photos and the final head).", "",
              "| command | wall seconds |", "| --- | --- |"] + [f"| {n} | {s:.1f} |" for n, s in rows]
     print("\n".join(lines))
     write_section("train-build", "train-head and build times", "python bench/training/train_build_bench.py", "\n".join(lines))
