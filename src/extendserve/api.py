@@ -42,8 +42,8 @@ def run(command: str, *args: str | os.PathLike[str], **options: Any) -> Any:
     """Any ``extendserve`` command (``"train-head"``, ``"build"``, ``"eval"`` ...), positional
     arguments as on the command line (``run("predict", "a.jpg", "b.jpg", model="models/celebs")``),
     options as keywords. Returns what the command measured where it measures something (``eval``,
-    ``train-head``: the figures as a dict; ``predict``: one result a photo; ``review``: the samples), else its exit code (0; 1: done, with
-    something to report, as a rebuild that is not identical)."""
+    ``train-head``: the figures as a dict; ``predict``: one result a photo; ``review``: the samples),
+    else its exit code (0; 1: done, with something to report, as a rebuild that is not identical)."""
     import contextlib
     import io
 
