@@ -20,6 +20,7 @@ ROUTES = {"/", "/classify", "/classify_batch", "/info", "/ui", "/docs", "/docs.j
           "/livez", "/readyz", "/metrics", "/v2", "/v2/health/live", "/v2/health/ready"}
 _V2_MODEL = re.compile(r"/v2/models/[^/]+(/versions/[^/]+)?(/ready|/infer)?")
 OTHER = "other"  # every path no route takes: one label, whatever was sent
+ON_SCRAPE: list[Any] = []  # told of each /metrics request before it is answered (service/series.py)
 _PATH = "extendserve.path"
 
 
@@ -73,6 +74,9 @@ def bound_bentoml_metrics() -> None:
                 return await _refuse_content_type(scope, receive, send)
             if scope.get("type") in ("http", "websocket"):
                 route = route_of(scope.get("path", ""))
+                if route == "/metrics":
+                    for hook in ON_SCRAPE:
+                        hook()
                 if route != scope.get("path"):
                     scope = scope | {"path": route, _PATH: scope.get("path", "")}
             await super().__call__(scope, receive, send)

@@ -12,6 +12,7 @@ of a head is the mean calibrated top score of the photos it named, sum over coun
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -19,6 +20,8 @@ import numpy as np
 from bentoml import metrics as m
 
 from extendserve.serving.runtime import UNKNOWN
+
+from .metrics import ON_SCRAPE
 
 ENDPOINTS = ("classify", "classify_batch", "v2")
 SCORE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
@@ -36,7 +39,8 @@ BATCH = m.Histogram("extendserve_batch_photos", "Photos per model call", buckets
 HELD = m.Gauge("extendserve_memory_held_bytes", "Bytes held for requests in progress", multiprocess_mode="livesum")
 BUDGET = m.Gauge("extendserve_memory_budget_bytes", "The workers' memory budgets", multiprocess_mode="livesum")
 REFUSED = m.Counter("extendserve_memory_refused", "Requests or photos refused (503) for memory")
-READY = m.Gauge("extendserve_workers_ready", "Workers that have loaded and warmed the model", multiprocess_mode="livesum")
+READY = m.Gauge("extendserve_workers_ready", "Workers alive that have loaded and warmed the model (counted at each "
+                "scrape by the worker answering it)", multiprocess_mode="mostrecent")
 WORKERS = m.Gauge("extendserve_workers", "Workers the service runs", multiprocess_mode="max")
 PROMISE = m.Gauge("extendserve_head_promise", "What train-head measured a head would do: heldout_accuracy, "
                   "background_taken, strangers_named; and the model's min_score", ["model", "head", "figure"],
@@ -63,16 +67,16 @@ class Series:
         REFUSED.inc(0)
 
     @classmethod
-    def attach(cls, model: Any, name: str, workers: int, budget: Any, batcher: Any) -> Series:
-        """The series of this worker, told of its memory budget's changes and its batcher's model calls."""
+    def attach(cls, model: Any, name: str, workers: int, budget: Any, batcher: Any, marks: Any) -> Series:
+        """The series of this worker, told of its memory budget's changes, its batcher's model calls, the
+        workers found dead (their per-worker gauges dropped) and each scrape (workers warm counted)."""
         series = cls(model, name, workers)
         BUDGET.inc(budget.limit)
         budget.on_change = series._memory
         batcher.on_batch = series.batch
+        marks.on_dead = forget
+        ON_SCRAPE[:] = [lambda: READY.set(marks.count() or 0)]
         return series
-
-    def ready(self) -> None:
-        READY.inc()
 
     def answer(self, rows: np.ndarray, top_k: int, min_score: float | None, endpoint: str) -> list[Any]:
         """The model's answers to score rows (top k, 'unknown' first under min_score), counted."""
@@ -112,6 +116,15 @@ class Series:
         if self.floor is not None:
             UNFAMILIAR.labels(model=self.name).inc(int((top < self.floor).sum()))
         STAGE.labels(stage="answer").observe(seconds / max(len(rows), 1))
+
+
+def forget(pid: int) -> None:
+    """A worker that died without a word (SIGKILL, the memory cgroup): its live gauges (memory held,
+    budget) are dropped, or the sums would keep counting it (BentoML marks only clean exits)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess  # after BentoML set the folder up
+
+        multiprocess.mark_process_dead(pid)
 
 
 def promises(manifest: Any) -> list[tuple[str, str, float]]:

@@ -111,10 +111,9 @@ class Classifier:
         # An in-process batcher, not @bentoml.api(batchable=True), whose one argument leaves no room for top_k
         # (bench/serving/http_bench.py, 16 clients, 2 cores: 0.82 of the in-process rate within 4 ms, 0.62 without).
         self.batcher = MicroBatcher(self.model.probabilities, max_batch=max_batch, max_wait_ms=S.batch_ms)
-        self.series = Series.attach(self.model, self.v2_name, S.workers, BUDGET, self.batcher)  # its own series
+        self.series = Series.attach(self.model, self.v2_name, S.workers, BUDGET, self.batcher, READY)  # own series
         self.decode = Decoding(self.model, BUDGET, S.max_upload, S.decoding, self.series.decoded)
         READY.mark()
-        self.series.ready()
 
     def __is_ready__(self) -> bool:
         """Every worker has loaded and warmed up the model (BentoML's /readyz asks this)."""

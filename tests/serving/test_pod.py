@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -179,6 +180,11 @@ def test_a_killed_worker_is_replaced_as_the_image_runs(built_model, tmp_path):
         assert {s.info()["workers"]["warm"] for _ in range(8)} == {2}
         assert s.post("/classify", [("image", disc(), "d.jpg")])[0] == 200
         assert s.get("/livez")[0] == 200
+        # the series count live workers: the dead one's budget is not summed with its replacement's
+        text = s.get("/metrics")[1].decode()
+        metrics = dict(re.findall(r"^(extendserve_(?:workers_ready|memory_budget_bytes)) (\S+)$", text, re.M))
+        assert float(metrics["extendserve_workers_ready"]) == 2, metrics
+        assert float(metrics["extendserve_memory_budget_bytes"]) == 2 * s.info()["memory"]["budget_bytes"], metrics
     finally:
         s.stop()
     assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"extendserve-ready-*/{victim}"))

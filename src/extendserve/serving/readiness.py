@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 READY_ENV = "EXTENDSERVE_READY_DIR"
@@ -38,6 +39,7 @@ class ReadyMarks:
 
     def __init__(self, folder: Path | None):
         self.folder = folder
+        self.on_dead: Callable[[int], None] | None = None  # told once of each worker first seen dead
 
     @classmethod
     def for_service(cls) -> ReadyMarks:
@@ -73,6 +75,8 @@ class ReadyMarks:
                     try:
                         p.rename(self.folder / f"dead-{p.name}")
                         os.utime(self.folder / f"dead-{p.name}")
+                        if self.on_dead is not None and p.name.isdigit():
+                            self.on_dead(int(p.name))
                     except OSError:
                         pass  # another worker saw it first
             return live
