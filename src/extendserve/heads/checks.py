@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..photos.views import VIEWS
+
 OUTLIER_Z = 5.0
 MAD_FLOOR = 0.04
 DUPLICATE_COS = 0.98  # a pair at least this alike is always a copy
@@ -34,7 +36,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-COPY_VIEWS = (0, 1, 10, 11)  # centre, centre mirrored, whole photo, whole photo mirrored (training.features.VIEWS)
+# centre, centre mirrored, whole photo, whole photo mirrored: their places among the views
+COPY_VIEWS = tuple(VIEWS.index(v) for v in ("center", "center-flip", "full", "full-flip"))
 
 
 def near_copy_scores(a: np.ndarray, b: np.ndarray, views: bool = True) -> np.ndarray:

@@ -24,13 +24,15 @@ from ..errors import BadImageError, ExtendserveError
 from ..files import walk, write_atomic
 from ..names import escaped
 from ..photos.preprocess import IMAGE_EXTS, MAX_FILE_BYTES, is_hidden, read_photo
-from ..photos.views import VIEWS, photo_views, views  # noqa: F401  (train-head's features are of these)
+from ..photos.views import VIEWS, photo_views
 from ..progress import eta, progress
 
 # Views through the base at once: onnxruntime's arena grows to the largest batch and keeps it, and
 # at 48 views EfficientNet-Lite0's activations held about 0.7 GB of train-head's 1.7 GB peak.
 BATCH = 12
-VIEWS_VERSION = 3  # 2: large JPEGs decoded with draft; 3: large photos of any format box-reduced first
+V3_KEPT = (0, 1, 2, 3, 4, 5, 10, 11)  # VIEWS' places among version 3's twelve
+VIEWS_VERSION = 4  # 2: large JPEGs decoded with draft; 3: large photos of any format box-reduced first;
+# 4: the corners' mirror images dropped (a version 3 entry is read for its other eight views)
 
 
 @dataclass
@@ -187,9 +189,26 @@ class FeatureExtractor:
         # The preprocessing is part of the key: features made with other preprocessing are others.
         pre = hashlib.sha256(json.dumps(base.identity()["preprocess"], sort_keys=True).encode()).hexdigest()[:16]
         key = f"{base.name}-{base.digest[:16]}"
-        self.cache = FeatureCache((cache or cache_root()) / "features" / key / f"views-v{VIEWS_VERSION}-{pre}",
-                                  f"{key}/{base.digest}/{VIEWS_VERSION}/{pre}", (len(VIEWS), base.feature_dim))
+        root = (cache or cache_root()) / "features" / key
+
+        def version(v: int, count: int) -> FeatureCache:
+            return FeatureCache(root / f"views-v{v}-{pre}", f"{key}/{base.digest}/{v}/{pre}", (count, base.feature_dim))
+
+        self.cache = version(VIEWS_VERSION, len(VIEWS))
+        # version 3 held the corners' mirror images too: its entries give these eight views as they are
+        self.v3 = version(3, 12) if (root / f"views-v3-{pre}").is_dir() else None
         self._session = None
+
+    def cached(self, data: bytes) -> tuple[str, np.ndarray | None]:
+        """The photo's cache key and its features if cached (a version 3 entry's, copied forward)."""
+        key = self.cache.key(data)
+        found = self.cache.get(key)
+        if found is None and self.v3 is not None:
+            old = self.v3.get(self.v3.key(data))
+            if old is not None:
+                found = np.ascontiguousarray(old[list(V3_KEPT)])
+                self.cache.put(key, found)
+        return key, found
 
     def session(self):  # type: ignore[no-untyped-def]
         if self._session is None:
@@ -237,8 +256,7 @@ class FeatureExtractor:
                 if on_skip:
                     on_skip(str(path), str(e).split(": ", 1)[-1])
                 continue
-            key = self.cache.key(data)
-            cached = self.cache.get(key)
+            key, cached = self.cached(data)
             if cached is not None:
                 out[len(ok)] = cached
                 ok.append(i)

@@ -27,9 +27,9 @@ from ..heads.gated import fit_gated
 from ..heads.head import Head
 from ..heads.scoring import PREFIX, merged_logits, scorer, top_from_head
 from ..photos.preprocess import read_photo
+from ..photos.views import photo_views
 from ..progress import progress
 from ..sessions import make_session
-from .features import photo_views
 from .train import TrainReport, classifier, heldout_accuracy, split
 
 
