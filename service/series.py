@@ -102,8 +102,9 @@ class Series:
     def decoded(seconds: float) -> None:
         STAGE.labels(stage="decode").observe(seconds)
 
-    def answered(self, rows: np.ndarray, unknown: np.ndarray, endpoint: str, seconds: float) -> None:
-        """Score rows [n, K + N] as answered (``unknown``: which were answered 'unknown')."""
+    def answered(self, rows: np.ndarray, unknown: np.ndarray, endpoint: str, seconds: float | None) -> None:
+        """Score rows [n, K + N] as answered (``unknown``: which were answered 'unknown'; ``seconds``:
+        making the answer, None where the rows are the answer, as /v2's)."""
         best = rows.argmax(1)
         top = rows[np.arange(len(rows)), best]
         heads = self.model.head_of[best]
@@ -115,7 +116,8 @@ class Series:
                 TOP_SCORE.labels(model=self.name, head=str(head)).observe(float(score))
         if self.floor is not None:
             UNFAMILIAR.labels(model=self.name).inc(int((top < self.floor).sum()))
-        STAGE.labels(stage="answer").observe(seconds / max(len(rows), 1))
+        if seconds is not None:
+            STAGE.labels(stage="answer").observe(seconds / max(len(rows), 1))
 
 
 def forget(pid: int) -> None:

@@ -41,7 +41,7 @@ async def run(svc: Any, req: InferRequest) -> list[tuple[Wanted, np.ndarray]]:
             scores = np.stack(await asyncio.gather(*[svc.batcher.submit(x) for x in decoded]))
     except ClientError as e:
         raise ProtocolError(e.status, e.message) from None
-    svc.series.answered(scores, np.zeros(len(scores), bool), "v2", 0.0)  # the protocol answers no 'unknown'
+    svc.series.answered(scores, np.zeros(len(scores), bool), "v2", None)  # the protocol answers no 'unknown'
     values = {"scores": scores}
     if any(o.name == "logits" for o in req.outputs):
         values["logits"] = await asyncio.to_thread(svc.model.logits, np.stack(decoded))

@@ -91,6 +91,13 @@ def fit_metric(feats: np.ndarray, labels: np.ndarray, n: int, shrinkage: float, 
         lam = np.clip(lam, 0.0, None)
         top = np.argsort(-lam)[: min(rank, len(lam))]
         total = lam.sum()
-    sigma = max(shrinkage * total / d, 1e-12)
+    return shrunk(means, lam, vec, top, total, shrinkage)
+
+
+def shrunk(means: np.ndarray, lam: np.ndarray, vec: np.ndarray, top: np.ndarray, total: float,
+           shrinkage: float) -> Metric:
+    """The Metric of class ``means`` under the covariance with eigenpairs ``lam``, ``vec`` (kept:
+    ``top``; ``total``: the whole trace) shrunk by ``shrinkage`` towards a sphere."""
+    sigma = max(shrinkage * total / vec.shape[0], 1e-12)
     w = (1 - shrinkage) * lam[top] / ((1 - shrinkage) * lam[top] + sigma)
     return Metric(means.astype(np.float32), vec[:, top].astype(np.float32), w.astype(np.float32), float(sigma))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metric import Metric
+from .metric import Metric, shrunk
 
 CHUNK = 4096  # views a step when the second moment is summed: bounds memory whatever the photo count
 
@@ -55,10 +55,7 @@ class Statistics:
         within = (second - (means * counts[:, None]).T @ means) / m
         lam, vec = np.linalg.eigh(within)
         lam = np.clip(lam, 0.0, None)
-        top = np.argsort(-lam)[: min(rank, len(lam))]
-        sigma = max(shrinkage * lam.sum() / self.dim, 1e-12)
-        w = (1 - shrinkage) * lam[top] / ((1 - shrinkage) * lam[top] + sigma)
-        metric = Metric(means.astype(np.float32), vec[:, top].astype(np.float32), w.astype(np.float32), float(sigma))
+        metric = shrunk(means, lam, vec, np.argsort(-lam)[: min(rank, len(lam))], lam.sum(), shrinkage)
         rw, rb = _ridge(lam, vec, means, counts / m, ridge)
         return metric, rw, rb
 

@@ -224,7 +224,9 @@ def _heldout_check(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
         bg_fit = Background(background.features[order[:half]], background.source)
         bg_held = background.features[order[half:]]
     probe = fit(base, feats, labels[tr], classes, s, "training (held-out check)", negatives, bg_fit, tr, stats)
-    report.heldout = heldout_accuracy(score_features(base, probe, feats[ho, 0]), labels[ho], classes)
+    held = score_features(base, probe, feats[ho, 0])  # each scored once, for every figure below
+    world = None if bg_held is None else score_features(base, probe, bg_held)
+    report.heldout = heldout_accuracy(held, labels[ho], classes)
     small = [c for i, c in enumerate(classes) if (labels == i).sum() < MIN_HELD]
     if small:
         one = len(small) == 1
@@ -232,17 +234,15 @@ def _heldout_check(base: Base, feats: np.ndarray, labels: np.ndarray, classes: l
             f"{_listed(small)} {'has' if one else 'have'} fewer than {MIN_HELD} photos: {'it trains' if one else 'they train'}"
             f" on all of them, so held-out accuracy is measured for the other classes only and says nothing about "
             f"{'it' if one else 'them'}; add photos (at least {MIN_HELD}, 20 or more to trust the figures)")
-    if bg_held is not None:
-        report.heldout["background_taken"] = taken_share(base, probe, bg_held)
-        report.heldout["background_photos"] = int(len(bg_held))
-        named = score_features(base, probe, bg_held).argmax(1) - len(base.labels)
+    if world is not None:
+        named = world.argmax(1) - len(base.labels)
+        report.heldout["background_taken"] = float((named >= 0).mean())
+        report.heldout["background_photos"] = int(len(world))
         report.heldout["background_taken_per_class"] = {c: float((named == i).mean()) for i, c in enumerate(classes)}
-        report.checks["trade"] = trade(score_features(base, probe, feats[ho, 0]), labels[ho],
-                                       score_features(base, probe, bg_held), len(base.labels))
+        report.checks["trade"] = trade(held, labels[ho], world, len(base.labels))
     # the service's drift series: the share of live photos less sure than 99% of these (held-out photos
     # of the classes and of the background) were
-    seen = [score_features(base, probe, x) for x in (feats[ho, 0], bg_held) if x is not None]
-    top = np.concatenate([1.0 / np.exp(z - z.max(1, keepdims=True)).sum(1) for z in seen])
+    top = np.concatenate([1.0 / np.exp(z - z.max(1, keepdims=True)).sum(1) for z in (held, world) if z is not None])
     report.heldout["top_score_q01"] = float(np.quantile(top, 0.01))
 
 
@@ -270,9 +270,8 @@ def train_head(base: Base, feats: np.ndarray, labels: np.ndarray, classes: list[
     if parts is not None:
         steps.next("held-out check")
         _heldout_check(base, feats, labels, classes, s, parts, negatives, background, stats, report)
-    oof = None
-    if stats is not None and (strangers or background is not None):  # every photo's, for the head and the strangers'
-        oof = out_of_fold(stats, np.arange(len(labels)), labels, len(classes), s)
+    # every photo's out-of-fold evidence, once: the final head's, and less a class, each strangers head's
+    oof = None if stats is None else out_of_fold(stats, np.arange(len(labels)), labels, len(classes), s)
     if strangers:
         def fit_without(c: int) -> Head:
             steps.next(f"strangers check: {classes[c]} left out")
